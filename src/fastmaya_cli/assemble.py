@@ -1,0 +1,805 @@
+"""Assemble per-chunk audio, in book order, into the finished audiobook, streaming.
+
+Timeline rules (lengths in samples at the output rate ``sr``; every duration is ``round(seconds * sr)``)::
+
+    F       = round(pauses.crossfade * sr)        the crossfade length
+    L_i     = max(len(audio_i), F)                a segment shorter than F is padded with silence to F
+    P_i     = pause after segment i               from its boundary; "end" and the last segment use tail
+    start_1 = head
+    end_i   = start_i + L_i
+    start_i+1 = end_i + P_i - F                   each join overlaps by F samples
+    total   = end_n + tail
+            = head + sum(L_i) + sum(P_1 .. P_n-1) - (n - 1) * F + tail      (head + tail when n == 0)
+
+``expected_length`` computes ``total``; the file written has exactly that many samples.
+
+No clicks: the first and last F samples of every segment (``len // 2`` each when it is shorter than 2F)
+are shaped by raised-cosine fades, so every segment starts and ends at zero. Segments are mixed by adding
+them into the timeline. Where ``P_i >= F``, one segment's fade-out, ``P_i - F`` samples of silence and the
+next segment's fade-in follow each other; where ``P_i < F`` (a clause join without a pause) the two
+overlap by ``F - P_i`` samples, and with ``P_i == 0`` the fade-out and fade-in are complementary
+(``cos^2 + sin^2 = 1``): an equal-gain crossfade.
+
+Chapters: a chapter begins where ``Segment.chapter`` changes. Its marker, and with ``split_chapters`` the
+cut between files, lies in the middle of the silence before the chapter's first segment (at that
+segment's start when there is no silence), so chapter files begin and end with half the pause. The first
+chapter begins at 0.
+
+Streaming: only samples a later segment may still overlap stay in memory (between calls to ``add`` at most
+F samples; during one, that segment plus its pause). Everything before is appended at once to a hidden
+24-bit FLAC file beside the output (stored 12 dB down, so sums above full scale survive; about 0.3 GB per
+hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meter. ``finish`` measures nothing
+more: it reads that file back once per output, applies the one global gain, encodes to a hidden temporary
+name beside the final one, and only when every file (audio, manifest, subtitles) is complete moves them
+into place with ``os.replace``. With ``split_chapters`` the chapter files are encoded in parallel.
+
+Loudness: one gain for the whole book, from EBU R128 integrated loudness and true peak over the whole
+book (see ``loudness``); it reaches the target unless the true peak would exceed the limit, in which case
+the gain stops at the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from fastmaya_cli.errors import RuntimeFailure
+from fastmaya_cli.loudness import LoudnessMeter, LoudnessReport, global_gain_db, loudness_target, report_for
+from fastmaya_cli.outputs import (
+    FORMATS,
+    AudioWriter,
+    BookInfo,
+    ChapterEntry,
+    Cue,
+    FfmpegWriter,
+    OutputSpec,
+    SoundfileWriter,
+    book_tags,
+    chapter_file_name,
+    check_output,
+    copy_to_stdout,
+    ffmetadata,
+    format_for,
+    fsync_file,
+    image_kind,
+    output_lock,
+    remove_quietly,
+    require_ffmpeg,
+    reserve_temp,
+    subtitle_kind,
+    subtitles_text,
+    write_failure,
+    write_text_file,
+)
+
+__all__ = [
+    "BOUNDARIES",
+    "AssemblyResult",
+    "Assembler",
+    "BookInfo",
+    "ChapterMark",
+    "LoudnessReport",
+    "OutputSpec",
+    "Pauses",
+    "Placement",
+    "Segment",
+    "check_output",
+    "expected_length",
+    "format_for",
+    "output_lock",
+]
+
+BOUNDARIES = ("clause", "sentence", "paragraph", "heading", "chapter", "end")
+
+# The intermediate file stores samples 12 dB down, so a mix up to 4x full scale is kept unclipped.
+_HEADROOM = 0.25
+_READ_BLOCK = 1 << 18  # samples per read when encoding (about 5 s at 48 kHz)
+_ZERO_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Pauses:
+    """Silence in seconds: ``head`` before the first segment, ``tail`` after the last, one per boundary
+    kind after each segment, and the crossfade length at every join."""
+
+    head: float = 0.5
+    sentence: float = 0.25
+    clause: float = 0.0
+    paragraph: float = 0.6
+    heading: float = 1.0
+    chapter: float = 2.0
+    tail: float = 1.0
+    crossfade: float = 0.010
+
+    def __post_init__(self) -> None:
+        for name in ("head", "sentence", "clause", "paragraph", "heading", "chapter", "tail", "crossfade"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"pause {name} must be a non-negative number of seconds, not {value!r}")
+
+    def samples(self, sample_rate: int) -> dict[str, int]:
+        """Samples of silence after a segment, by boundary ("end" is the tail)."""
+        table = {
+            kind: round(getattr(self, kind) * sample_rate)
+            for kind in ("clause", "sentence", "paragraph", "heading", "chapter")
+        }
+        table["end"] = round(self.tail * sample_rate)
+        return table
+
+
+@dataclass(frozen=True)
+class Segment:
+    chunk_index: int
+    audio: np.ndarray  # float32 mono at the assembler's sample rate
+    boundary: str  # pause AFTER this segment: one of BOUNDARIES
+    chapter: int
+    chapter_title: str | None
+    text: str
+    status: str = "ok"  # "ok" | "failed" (failed chunks arrive as short silence; still placed and listed)
+    reason: str = ""
+    frames: int = 0
+    seed: int = 0
+    attempts: int = 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a segment landed in the final timeline."""
+
+    chunk_index: int
+    start: float  # seconds
+    end: float
+    start_sample: int
+    end_sample: int
+
+
+@dataclass(frozen=True)
+class ChapterMark:
+    index: int  # 1-based position in the book
+    number: int  # Segment.chapter
+    title: str
+    start: float  # seconds
+    end: float
+    start_sample: int
+    end_sample: int
+    path: Path | None = None  # the chapter's own file with split_chapters
+
+
+@dataclass(frozen=True)
+class AssemblyResult:
+    paths: tuple[Path, ...]  # audio files written; empty when the book went to stdout
+    manifest: Path | None
+    subtitles: Path | None
+    duration: float  # seconds
+    samples: int
+    sample_rate: int
+    loudness: LoudnessReport
+    chapters: tuple[ChapterMark, ...]
+    warnings: tuple[str, ...] = ()
+
+
+def expected_length(
+    lengths: Sequence[int], boundaries: Sequence[str], pauses: Pauses, sample_rate: int
+) -> int:
+    """Exact number of samples the assembler writes for segments of these lengths and boundaries:
+    ``head + sum(max(len_i, F)) + sum(pause after each but the last) - (n - 1) * F + tail``."""
+    lengths = [int(length) for length in lengths]
+    if len(lengths) != len(boundaries):
+        raise ValueError("lengths and boundaries differ in count")
+    table = pauses.samples(sample_rate)
+    for boundary in boundaries:
+        if boundary not in table:
+            raise ValueError(f"unknown boundary {boundary!r}; expected one of {BOUNDARIES}")
+    head, tail = round(pauses.head * sample_rate), round(pauses.tail * sample_rate)
+    if not lengths:
+        return head + tail
+    crossfade = round(pauses.crossfade * sample_rate)
+    padded = sum(max(length, crossfade) for length in lengths)
+    between = sum(table[boundary] for boundary in boundaries[:-1])
+    return head + padded + between - (len(lengths) - 1) * crossfade + tail
+
+
+def _fade_in(length: int) -> np.ndarray:
+    # Raised cosine sampled at half-sample offsets: fade_in[i] + fade_in[length - 1 - i] == 1 exactly.
+    return (0.5 - 0.5 * np.cos(np.pi * (np.arange(length) + 0.5) / length)).astype(np.float32)
+
+
+@dataclass
+class _ChapterBuilder:
+    number: int
+    title: str | None
+    start_sample: int
+
+
+@dataclass(frozen=True)
+class _ChunkRecord:
+    """What the manifest and subtitles need of a segment; never its audio, which would add up to the
+    whole book in memory."""
+
+    chunk_index: int
+    text: str
+    chapter: int
+    boundary: str
+    length: int  # samples as given, before padding
+    status: str
+    reason: str
+    frames: int
+    seed: int
+    attempts: int
+    start_sample: int
+    end_sample: int
+    chapter_position: int  # 0-based index into the chapter list
+
+
+@dataclass
+class _Output:
+    final: Path | None  # None = stdout
+    temp: Path
+    start_sample: int
+    end_sample: int
+    tags: dict[str, str]
+    chapters: list[ChapterEntry] = field(default_factory=list)
+
+
+class Assembler:
+    """Builds the audiobook from segments added in chunk order; see the module docstring for the rules.
+
+    Use as a context manager. If the with-block raises (or ``finish`` fails), every temporary file is
+    removed and no output is left behind, complete or partial.
+    """
+
+    def __init__(self, spec: OutputSpec, pauses: Pauses = Pauses()) -> None:  # noqa: B008 - frozen default
+        if spec.format not in FORMATS:
+            raise ValueError(f"unknown format {spec.format!r}")
+        self.spec = spec
+        self.pauses = pauses
+        self.sample_rate = spec.sample_rate
+        self._format = FORMATS[spec.format]
+        self._target = loudness_target(spec.loudness)
+        self._pause_table = pauses.samples(spec.sample_rate)
+        self._crossfade = round(pauses.crossfade * spec.sample_rate)
+        self._head = round(pauses.head * spec.sample_rate)
+        self._tail = round(pauses.tail * spec.sample_rate)
+        self._fades: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        self._state = "new"  # new -> open -> finished | failed
+        self._work_dir: Path | None = None
+        self._created_dir: Path | None = None
+        self._intermediate_path: Path | None = None
+        self._intermediate: sf.SoundFile | None = None
+        self._meter: LoudnessMeter | None = None
+        self._temps: list[Path] = []
+        self._temps_lock = threading.Lock()
+        self._cancel = threading.Event()
+
+        self._pending = np.zeros(0, dtype=np.float32)  # timeline samples from _flushed on
+        self._flushed = 0
+        self._next_start = self._head
+        self._last_end = 0
+        self._last_index: int | None = None
+        self._chunks: list[_ChunkRecord] = []
+        self._chapters: list[_ChapterBuilder] = []
+        self._peak_buffered = 0
+        self._clipped = 0
+        self._nonfinite_chunks: list[int] = []
+
+    # ------------------------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> Assembler:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._state in ("new", "open"):
+            # An exception, or a with-block left without finish(): nothing is published either way.
+            self._abort()
+
+    @property
+    def buffered_samples(self) -> int:
+        """Samples held in memory now (the tail a later segment may still overlap)."""
+        return len(self._pending)
+
+    @property
+    def peak_buffered_samples(self) -> int:
+        """The most samples ever held in memory at once."""
+        return self._peak_buffered
+
+    # ------------------------------------------------------------------------------------------- adding
+
+    def add(self, seg: Segment) -> Placement:
+        """Place the next segment; returns its position in the final timeline."""
+        if self._state not in ("new", "open"):
+            raise RuntimeError(f"cannot add to an assembler that is {self._state}")
+        if seg.boundary not in self._pause_table:
+            raise ValueError(f"unknown boundary {seg.boundary!r}; expected one of {BOUNDARIES}")
+        if self._last_index is not None and seg.chunk_index <= self._last_index:
+            raise ValueError(f"chunk {seg.chunk_index} arrived after chunk {self._last_index}; add in order")
+        audio = self._shape(seg)
+        try:
+            if self._state == "new":
+                self._open()
+            start = self._next_start
+            end = start + len(audio)
+            self._note_chapter(seg, start)
+            self._mix(start, audio)
+            self._next_start = end + self._pause_table[seg.boundary] - self._crossfade
+            # A later segment starts at _next_start at the earliest; all before it is final.
+            self._emit_until(min(self._next_start, end))
+        except BaseException:
+            self._abort()
+            raise
+        self._last_end = end
+        self._last_index = seg.chunk_index
+        self._chunks.append(
+            _ChunkRecord(
+                seg.chunk_index,
+                seg.text,
+                seg.chapter,
+                seg.boundary,
+                len(seg.audio),
+                seg.status,
+                seg.reason,
+                seg.frames,
+                seg.seed,
+                seg.attempts,
+                start,
+                end,
+                len(self._chapters) - 1,
+            )
+        )
+        return Placement(seg.chunk_index, start / self.sample_rate, end / self.sample_rate, start, end)
+
+    def _shape(self, seg: Segment) -> np.ndarray:
+        audio = np.array(seg.audio, dtype=np.float32, copy=True)
+        if audio.ndim != 1:
+            raise ValueError(f"chunk {seg.chunk_index}: audio must be mono (1-D), got shape {audio.shape}")
+        if not np.all(np.isfinite(audio)):
+            # A NaN would poison the loudness measurement of the whole book; silence it and say so.
+            self._nonfinite_chunks.append(seg.chunk_index)
+            audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
+        crossfade = self._crossfade
+        fade = crossfade if len(audio) >= 2 * crossfade else len(audio) // 2
+        if fade:
+            fade_in, fade_out = self._fade_pair(fade)
+            audio[:fade] *= fade_in
+            audio[-fade:] *= fade_out
+        if len(audio) < crossfade:
+            audio = np.concatenate([audio, np.zeros(crossfade - len(audio), dtype=np.float32)])
+        return audio
+
+    def _fade_pair(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        if length not in self._fades:
+            rising = _fade_in(length)
+            self._fades[length] = (rising, rising[::-1].copy())
+        return self._fades[length]
+
+    def _note_chapter(self, seg: Segment, start: int) -> None:
+        if not self._chapters:
+            self._chapters.append(_ChapterBuilder(seg.chapter, seg.chapter_title, 0))
+            return
+        current = self._chapters[-1]
+        if seg.chapter == current.number:
+            if current.title is None and seg.chapter_title:
+                current.title = seg.chapter_title
+            return
+        gap = start - self._last_end
+        marker = self._last_end + gap // 2 if gap > 0 else start
+        self._chapters.append(_ChapterBuilder(seg.chapter, seg.chapter_title, marker))
+
+    def _mix(self, start: int, audio: np.ndarray) -> None:
+        offset = start - self._flushed
+        needed = offset + len(audio)
+        if needed > len(self._pending):
+            grown = np.zeros(needed, dtype=np.float32)
+            grown[: len(self._pending)] = self._pending
+            self._pending = grown
+        self._pending[offset:needed] += audio
+        self._peak_buffered = max(self._peak_buffered, len(self._pending))
+
+    def _emit_until(self, position: int) -> None:
+        count = position - self._flushed
+        if count <= 0:
+            return
+        self._write_timeline(self._pending[:count])
+        self._pending = self._pending[count:].copy()
+
+    def _write_timeline(self, block: np.ndarray) -> None:
+        if self._meter is not None:
+            self._meter.feed(block)
+        stored = block * _HEADROOM
+        over = np.abs(stored) > 1.0
+        if over.any():
+            self._clipped += int(over.sum())
+            stored = np.clip(stored, -1.0, 1.0)
+        assert self._intermediate is not None
+        try:
+            self._intermediate.write(stored)
+        except (sf.LibsndfileError, OSError, AssertionError) as error:
+            raise write_failure(self._shown_name(), error) from error
+        self._flushed += len(block)
+
+    # ------------------------------------------------------------------------------------ files / states
+
+    def _shown_name(self) -> str:
+        return str(self.spec.path) if self.spec.path is not None else "stdout"
+
+    def _open(self) -> None:
+        """Create the hidden intermediate file beside the output and start the loudness meter."""
+        spec = self.spec
+        if spec.path is None:
+            work_dir = Path(tempfile.gettempdir())
+        elif spec.split_chapters:
+            work_dir = spec.path
+            if not work_dir.exists():
+                try:
+                    work_dir.mkdir()
+                except OSError as error:
+                    raise write_failure(work_dir, error) from error
+                self._created_dir = work_dir
+        else:
+            work_dir = spec.path.parent
+        self._work_dir = work_dir
+        self._state = "open"
+        try:
+            self._intermediate_path = self._reserve(".flac")
+            self._intermediate = sf.SoundFile(
+                str(self._intermediate_path),
+                "w",
+                samplerate=self.sample_rate,
+                channels=1,
+                format="FLAC",
+                subtype="PCM_24",
+            )
+        except (sf.LibsndfileError, OSError) as error:
+            raise write_failure(self._shown_name(), error) from error
+        if self._target is not None:
+            self._meter = LoudnessMeter(require_ffmpeg("it measures loudness"), self.sample_rate)
+        self._emit_zeros(self._head)
+
+    def _reserve(self, suffix: str, name: str | None = None) -> Path:
+        assert self._work_dir is not None
+        base = name or (self.spec.path.name if self.spec.path is not None else "fastmaya-stdout")
+        try:
+            path = reserve_temp(self._work_dir, base, suffix)
+        except OSError as error:
+            raise write_failure(self._shown_name(), error) from error
+        with self._temps_lock:  # encoder threads reserve files too
+            self._temps.append(path)
+        return path
+
+    def _emit_zeros(self, count: int) -> None:
+        # Silence before the first segment and after the last never overlaps anything: write it directly.
+        while count > 0:
+            step = min(count, _ZERO_BLOCK)
+            self._write_timeline(np.zeros(step, dtype=np.float32))
+            count -= step
+        self._next_start = max(self._next_start, self._flushed)
+
+    def _abort(self) -> None:
+        self._state = "failed"
+        self._cancel.set()
+        if self._meter is not None:
+            self._meter.abort()
+            self._meter = None
+        if self._intermediate is not None:
+            with suppress(Exception):  # already failing; the file is removed next
+                self._intermediate.close()
+            self._intermediate = None
+        for path in self._temps:
+            remove_quietly(path)
+        self._temps.clear()
+        if self._created_dir is not None:
+            with suppress(OSError):
+                self._created_dir.rmdir()  # only if still empty
+        self._pending = np.zeros(0, dtype=np.float32)
+
+    # ------------------------------------------------------------------------------------------ finishing
+
+    def finish(self) -> AssemblyResult:
+        """Write the tail, apply loudness, encode, and publish every output atomically."""
+        if self._state != "open":
+            if self._state == "new":
+                raise RuntimeFailure(
+                    "nothing to assemble: no chunk audio was produced.", "Check that the input has text."
+                )
+            raise RuntimeError(f"cannot finish an assembler that is {self._state}")
+        try:
+            result = self._finish()
+        except BaseException:
+            self._abort()
+            raise
+        self._state = "finished"
+        return result
+
+    def _finish(self) -> AssemblyResult:
+        spec = self.spec
+        self._emit_until(self._last_end)
+        self._emit_zeros(self._tail)
+        total = self._flushed
+        expected = expected_length(
+            [record.length for record in self._chunks],
+            [record.boundary for record in self._chunks],
+            self.pauses,
+            self.sample_rate,
+        )
+        if total != expected:  # the two descriptions of the timeline must agree to the sample
+            raise RuntimeError(f"assembled {total} samples, expected {expected}")
+        assert self._intermediate is not None
+        try:
+            self._intermediate.close()
+        except (sf.LibsndfileError, OSError) as error:
+            raise write_failure(self._shown_name(), error) from error
+        self._intermediate = None
+
+        warnings: list[str] = []
+        measured = self._meter.result() if self._meter is not None else None
+        self._meter = None
+        gain_db = global_gain_db(measured, self._target) if measured and self._target else 0.0
+        loudness = report_for(spec.loudness, measured, gain_db)
+        factor = 10 ** (gain_db / 20) / _HEADROOM
+
+        chapters = self._chapter_marks(total)
+        outputs = self._plan_outputs(chapters)
+        if spec.split_chapters:
+            chapters = [
+                replace(mark, path=output.final) for mark, output in zip(chapters, outputs, strict=True)
+            ]
+        cover = self._cover_file(warnings)
+        self._render_all(outputs, factor, cover)
+
+        manifest_temp = subtitles_temp = None
+        paths = tuple(output.final for output in outputs if output.final is not None)
+        if spec.manifest is not None:
+            manifest_temp = self._reserve_beside(spec.manifest)
+            manifest = self._manifest(total, loudness, chapters, paths)
+            write_text_file(
+                manifest_temp, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", spec.manifest
+            )
+        if spec.subtitles is not None:
+            subtitles_temp = self._reserve_beside(spec.subtitles)
+            text = subtitles_text(self._cues(), subtitle_kind(spec.subtitles))
+            write_text_file(subtitles_temp, text, spec.subtitles)
+
+        # Everything is complete on disk: publish it.
+        for output in outputs:
+            if output.final is None:
+                copy_to_stdout(output.temp)
+            else:
+                os.replace(output.temp, output.final)
+        if manifest_temp is not None and spec.manifest is not None:
+            os.replace(manifest_temp, spec.manifest)
+        if subtitles_temp is not None and spec.subtitles is not None:
+            os.replace(subtitles_temp, spec.subtitles)
+        for path in self._temps:
+            remove_quietly(path)
+        self._temps.clear()
+
+        if self._clipped:
+            warnings.append(f"{self._clipped} samples were more than 12 dB over full scale and were clipped.")
+        if self._nonfinite_chunks:
+            chunks = ", ".join(str(index) for index in self._nonfinite_chunks[:10])
+            warnings.append(f"chunks {chunks} had NaN/inf samples; those samples were silenced.")
+        return AssemblyResult(
+            paths=paths,
+            manifest=spec.manifest,
+            subtitles=spec.subtitles,
+            duration=total / self.sample_rate,
+            samples=total,
+            sample_rate=self.sample_rate,
+            loudness=loudness,
+            chapters=tuple(chapters),
+            warnings=tuple(warnings),
+        )
+
+    def _reserve_beside(self, final: Path) -> Path:
+        try:
+            path = reserve_temp(final.parent, final.name, "")
+        except OSError as error:
+            raise write_failure(final, error) from error
+        self._temps.append(path)
+        return path
+
+    def _chapter_marks(self, total: int) -> list[ChapterMark]:
+        marks = []
+        for position, chapter in enumerate(self._chapters):
+            end = self._chapters[position + 1].start_sample if position + 1 < len(self._chapters) else total
+            marks.append(
+                ChapterMark(
+                    index=position + 1,
+                    number=chapter.number,
+                    title=chapter.title or f"Chapter {chapter.number}",
+                    start=chapter.start_sample / self.sample_rate,
+                    end=end / self.sample_rate,
+                    start_sample=chapter.start_sample,
+                    end_sample=end,
+                )
+            )
+        return marks
+
+    def _plan_outputs(self, chapters: list[ChapterMark]) -> list[_Output]:
+        spec, suffix = self.spec, self._format.suffix
+        total = chapters[-1].end_sample
+        if not spec.split_chapters:
+            entries = [ChapterEntry(mark.start_sample, mark.end_sample, mark.title) for mark in chapters]
+            temp = self._reserve(suffix)
+            return [_Output(spec.path, temp, 0, total, book_tags(spec.info), entries)]
+        assert spec.path is not None
+        outputs = []
+        for mark in chapters:
+            name = chapter_file_name(mark.index, len(chapters), mark.title, suffix)
+            tags = book_tags(spec.info, title=mark.title, track=(mark.index, len(chapters)))
+            temp = self._reserve(suffix, name)
+            outputs.append(_Output(spec.path / name, temp, mark.start_sample, mark.end_sample, tags))
+        return outputs
+
+    def _cover_file(self, warnings: list[str]) -> Path | None:
+        cover = self.spec.info.cover
+        if not cover:
+            return None
+        kind = image_kind(cover)
+        if kind is None:
+            warnings.append("the cover is neither JPEG nor PNG; it was left out.")
+            return None
+        if not self._format.supports_cover:
+            warnings.append(f"{self._format.name} files carry no cover here; it was left out.")
+            return None
+        path = self._reserve(".jpg" if kind == "jpeg" else ".png")
+        try:
+            path.write_bytes(cover)
+        except OSError as error:
+            raise write_failure(self._shown_name(), error) from error
+        return path
+
+    def _render_all(self, outputs: list[_Output], factor: float, cover: Path | None) -> None:
+        if len(outputs) == 1:
+            self._render(outputs[0], factor, cover)
+            return
+        # Encoders run on one core each; with one file per chapter, encode several chapters at once.
+        workers = min(len(outputs), os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastmaya-encode") as pool:
+            futures = [pool.submit(self._render, output, factor, cover) for output in outputs]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # interrupted: the workers stop at their next block
+                self._cancel.set()
+                raise
+            failure = next((f.exception() for f in futures if f.done() and f.exception() is not None), None)
+            if failure is not None:
+                self._cancel.set()
+                raise failure
+
+    def _render(self, output: _Output, factor: float, cover: Path | None) -> None:
+        """Read the output's range of the intermediate file, apply the gain, encode into its temp file."""
+        if self._cancel.is_set():
+            return
+        shown = output.final if output.final is not None else "stdout"
+        writer: AudioWriter
+        if self._format.needs_ffmpeg:
+            metadata = self._reserve(".ffmeta")
+            write_text_file(metadata, ffmetadata(output.tags, output.chapters, self.sample_rate), shown)
+            ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
+            writer = FfmpegWriter(
+                ffmpeg, output.temp, self._format, self.sample_rate, self.spec.bitrate, metadata, cover, shown
+            )
+        else:
+            writer = SoundfileWriter(
+                output.temp,
+                self._format,
+                self.sample_rate,
+                self.spec.bit_depth,
+                output.end_sample - output.start_sample,
+                output.tags,
+                shown,
+            )
+        assert self._intermediate_path is not None
+        try:
+            with sf.SoundFile(str(self._intermediate_path)) as source:
+                source.seek(output.start_sample)
+                remaining = output.end_sample - output.start_sample
+                while remaining > 0:
+                    if self._cancel.is_set():
+                        raise RuntimeError("cancelled")
+                    block = source.read(min(_READ_BLOCK, remaining), dtype="float32")
+                    if len(block) == 0:
+                        raise RuntimeError("intermediate file ended early")
+                    writer.write(block * np.float32(factor))
+                    remaining -= len(block)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        try:
+            fsync_file(output.temp)  # durable before it replaces anything
+        except OSError as error:
+            raise write_failure(shown, error) from error
+
+    # ----------------------------------------------------------------------------------- manifest, cues
+
+    def _manifest(
+        self, total: int, loudness: LoudnessReport, chapters: list[ChapterMark], paths: tuple[Path, ...]
+    ) -> dict[str, Any]:
+        sr, info = self.sample_rate, self.spec.info
+        return {
+            "fastmaya_manifest": 1,
+            "book": {
+                "title": info.title,
+                "author": info.author,
+                "narrator": info.narrator,
+                "cover": info.cover_mime if info.cover else None,
+            },
+            "format": self.spec.format,
+            "outputs": [str(path) for path in paths] if paths else ["-"],
+            "sample_rate": sr,
+            "samples": total,
+            "duration": round(total / sr, 6),
+            "pauses": asdict(self.pauses),
+            "loudness": loudness.as_dict(),
+            "chapters": [
+                {
+                    "index": mark.index,
+                    "number": mark.number,
+                    "title": mark.title,
+                    "start": round(mark.start, 6),
+                    "end": round(mark.end, 6),
+                    "start_sample": mark.start_sample,
+                    "end_sample": mark.end_sample,
+                    "file": str(mark.path) if mark.path is not None else None,
+                }
+                for mark in chapters
+            ],
+            "chunks": [
+                {
+                    "index": record.chunk_index,
+                    "text": record.text,
+                    "chapter": record.chapter,
+                    "boundary": record.boundary,
+                    "start": round(record.start_sample / sr, 6),
+                    "end": round(record.end_sample / sr, 6),
+                    "start_sample": record.start_sample,
+                    "end_sample": record.end_sample,
+                    "frames": record.frames,
+                    "seed": record.seed,
+                    "status": record.status,
+                    "reason": record.reason,
+                    "attempts": record.attempts,
+                    **self._file_position(record, chapters),
+                }
+                for record in self._chunks
+            ],
+        }
+
+    def _file_position(self, record: _ChunkRecord, chapters: list[ChapterMark]) -> dict[str, Any]:
+        """With one file per chapter: which file holds the chunk, and where in that file."""
+        mark = chapters[record.chapter_position]
+        if mark.path is None:
+            return {}
+        sr = self.sample_rate
+        return {
+            "file": mark.path.name,
+            "file_start": round((record.start_sample - mark.start_sample) / sr, 6),
+            "file_end": round((record.end_sample - mark.start_sample) / sr, 6),
+        }
+
+    def _cues(self) -> list[Cue]:
+        sr, cues = self.sample_rate, []
+        for position, record in enumerate(self._chunks):
+            end = record.end_sample
+            if position + 1 < len(self._chunks):
+                # Crossfades overlap neighbours by a few ms; cues must not, or players show two lines.
+                end = min(end, self._chunks[position + 1].start_sample)
+            cues.append(Cue(record.start_sample / sr, end / sr, record.text))
+        return cues

@@ -1,0 +1,326 @@
+"""`fastmaya bench`: throughput of each stage on this machine's GPU, measured in one run.
+
+Without --model it builds (or reuses) a checkpoint of Maya1's exact architecture with random
+weights. Random weights never emit the stop id, so every chunk's length is fixed from its text at
+the renderer's speaking rate (2.5 words a second, 82.03 tokens a second of audio): the audio
+produced is as long as a real narration of the same text.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import maya1
+from .errors import InputError
+from .progress import Progress
+
+TRAVEL = "travel_145_sentences.txt"
+NOVEL = "pride_and_prejudice.txt"
+BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str | None = None
+    data_dir: Path = Path("../shared/data")
+    cache_dir: Path | None = None
+    stages: tuple[str, ...] = ("hf", "llm", "render", "novel", "bs1", "upsampler")
+    limit: int | None = None
+    hf_batch: int = 64
+    hf_chunks: int = 64
+    max_batch: int = 256
+    gpu_memory: float = 0.85
+    kv_cache: str = "bf16"
+    gpus: str | None = None
+    upsampler_weights: str | None = None
+    json_out: Path | None = None
+    out_dir: Path = Path("/tmp/fastmaya-bench")
+
+
+class MemoryPeak:
+    """Peak device memory in use (all processes), sampled: LMDeploy allocates outside torch's counters."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        import torch
+
+        self.torch = torch
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _used(self) -> int:
+        total = 0
+        for index in range(self.torch.cuda.device_count()):
+            free, capacity = self.torch.cuda.mem_get_info(index)
+            total += capacity - free
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._used())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> MemoryPeak:
+        self.peak = self._used()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gib(self) -> float:
+        return round(self.peak / 2**30, 2)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    engine: str
+    chunks: int
+    tokens: int
+    audio_s: float
+    wall_s: float
+    peak_gpu_gib: float
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def audio_per_s(self) -> float:
+        return self.audio_s / self.wall_s if self.wall_s else 0.0
+
+    def row(self) -> dict:
+        return {
+            "stage": self.stage,
+            "engine": self.engine,
+            "chunks": self.chunks,
+            "tokens": self.tokens,
+            "audio_s": round(self.audio_s, 1),
+            "wall_s": round(self.wall_s, 2),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "audio_s_per_s": round(self.audio_per_s, 1),
+            "rtf": round(self.wall_s / self.audio_s, 5) if self.audio_s else None,
+            "peak_gpu_gib": self.peak_gpu_gib,
+            **self.notes,
+        }
+
+
+def _renderer(options_kwargs: dict, engine=None):  # noqa: ANN001, ANN202
+    from .render import EngineOptions, Renderer, RenderOptions
+
+    engine_options = EngineOptions(**options_kwargs.pop("engine"))
+    options = RenderOptions(engine=engine_options, **options_kwargs)
+    return Renderer(options, Progress("none"), engine=engine)
+
+
+def _run_llm(renderer, chunks, stage: str, engine_name: str) -> StageResult:  # noqa: ANN001
+    requests = [renderer.request_for(i, c, maya1.chunk_seed(0, c.text)) for i, c in enumerate(chunks)]
+    tokens = 0
+    frames = 0
+    with MemoryPeak() as memory:
+        started = time.perf_counter()
+        for generation in renderer.engine.generate(requests):
+            tokens += len(generation.token_ids)
+            frames += maya1.unpack(generation.token_ids).frames
+        wall = time.perf_counter() - started
+    audio = frames * maya1.SAMPLES_PER_FRAME / maya1.SNAC_RATE
+    return StageResult(stage, engine_name, len(requests), tokens, audio, wall, memory.gib)
+
+
+def _run_render(renderer, source: Path, output: Path, stage: str, engine_name: str) -> StageResult:  # noqa: ANN001
+    from .assemble import OutputSpec
+
+    # Loudness needs ffmpeg, which the GPU machine lacks; it runs on a CPU core beside the render.
+    spec = OutputSpec(path=output, format=output.suffix.lstrip("."), loudness="off")
+    with MemoryPeak() as memory:
+        started = time.perf_counter()
+        result = renderer.render(source, spec)
+        wall = time.perf_counter() - started
+    tokens = renderer.progress.tally.generated_tokens
+    return StageResult(
+        stage,
+        engine_name,
+        result.chunks,
+        tokens,
+        result.audio_s,
+        wall,
+        memory.gib,
+        notes={"failed": result.failed},
+    )
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    import torch
+
+    from .checkpoints import random_maya1, random_snac
+    from .upsample import benchmark_upsampler
+
+    if not torch.cuda.is_available():
+        raise InputError(
+            "fastmaya bench measures a GPU, and no CUDA device is visible.",
+            "Run it on a machine with an NVIDIA GPU.",
+        )
+    travel, novel = opts.data_dir / TRAVEL, opts.data_dir / NOVEL
+    for needed in (travel, novel):
+        if not needed.exists():
+            raise InputError(
+                f"Benchmark text {needed} is missing.", "Pass --data-dir with the folder that holds it."
+            )
+    cache = opts.cache_dir or Path("/tmp/fastmaya-bench-models")
+    startup: dict[str, float] = {}
+    t = time.perf_counter()
+    model = opts.model or str(random_maya1(cache, size="full"))
+    codec = str(random_snac(cache, tiny=False))
+    startup["checkpoint_s"] = round(time.perf_counter() - t, 2)
+    fixed = opts.model is None
+    weights = opts.upsampler_weights or str(opts.data_dir / "speechsr48k.pth")
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    base = dict(
+        voice=BENCH_VOICE,
+        codec=codec,
+        upsampler="speechsr" if Path(weights).exists() else "resample",
+        upsampler_weights=weights if Path(weights).exists() else None,
+        fixed_length=fixed,
+        cache_dir=None,
+        force=True,
+    )
+    report: dict = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": "random Maya1-shaped (3.3B, bf16)" if fixed else model,
+        "speaking_rate_wps": 2.5,
+        "fixed_length": fixed,
+        "stages": [],
+        "startup": startup,
+    }
+    stages: list[StageResult] = []
+
+    def emit(result: StageResult) -> None:
+        stages.append(result)
+        report["stages"].append(result.row())
+        print(json.dumps(result.row()), flush=True)
+
+    if "hf" in opts.stages:
+        t = time.perf_counter()
+        hf = _renderer(
+            {**base, "engine": dict(kind="hf", model=model, device="cuda", max_batch=opts.hf_batch)}
+        )
+        _ = hf.engine, hf.encode
+        startup["hf_engine_s"] = round(time.perf_counter() - t, 2)
+        _, chunks = hf.plan(travel)
+        emit(_run_llm(hf, chunks[: opts.hf_chunks], "llm-travel", "hf"))
+        hf.close()
+        del hf
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    if {"llm", "render", "novel", "bs1"} & set(opts.stages):
+        engine_kwargs = dict(
+            kind="lmdeploy",
+            model=model,
+            max_batch=opts.max_batch,
+            gpu_memory=opts.gpu_memory,
+            kv_cache=opts.kv_cache,
+            gpus=opts.gpus,
+        )
+        renderer = _renderer({**base, "engine": engine_kwargs})
+        t = time.perf_counter()
+        renderer.warm_up()
+        startup["engine_total_s"] = round(time.perf_counter() - t, 2)
+        startup.update({f"{k}_s": round(v, 2) for k, v in renderer.startup.items()})
+        name = (
+            "lmdeploy"
+            if not opts.gpus
+            else f"lmdeploy x{len(opts.gpus.split(',')) if opts.gpus != 'all' else report['gpus']}"
+        )
+        _, travel_chunks = renderer.plan(travel)
+        if "llm" in opts.stages:
+            emit(_run_llm(renderer, travel_chunks, "llm-travel", name))
+        if "render" in opts.stages:
+            emit(_run_render(renderer, travel, opts.out_dir / "travel.flac", "render-travel", name))
+        if "novel" in opts.stages:
+            novel_renderer = _renderer(
+                {**base, "max_chunks": opts.limit, "engine": engine_kwargs}, engine=renderer.engine
+            )
+            novel_renderer._decoder, novel_renderer._upsampler = renderer.decoder, renderer.upsampler
+            novel_renderer._encode = renderer.encode
+            emit(_run_render(novel_renderer, novel, opts.out_dir / "novel.flac", "render-novel", name))
+            pool_stats = getattr(renderer.engine, "stats", None)
+            if callable(pool_stats):
+                report["per_gpu"] = pool_stats()
+        if "bs1" in opts.stages:
+            one = opts.out_dir / "one.txt"
+            one.write_text("The lighthouse keeper climbed the stairs one last time.\n")
+            emit(_run_render(renderer, one, opts.out_dir / "one.wav", "first-audio-bs1", name))
+        renderer.close()
+
+    if "upsampler" in opts.stages and Path(weights).exists():
+        # None: the dtype the renderer uses (fp16 on CUDA); bf16 for comparison.
+        for dtype in (None, torch.bfloat16):
+            row = benchmark_upsampler("cuda", dtype, batch=64, seconds=10.0, compile=True, weights=weights)
+            )
+            report.setdefault("upsampler", []).append(row)
+            print(json.dumps({"stage": "upsampler", **row}), flush=True)
+
+    _summarise(report, stages)
+    _print_table(report)
+    if opts.json_out:
+        opts.json_out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _summarise(report: dict, stages: list[StageResult]) -> None:
+    by = {(s.stage, s.engine): s for s in stages}
+    hf = next((s for s in stages if s.engine == "hf"), None)
+    llm = next((s for s in stages if s.stage == "llm-travel" and s.engine != "hf"), None)
+    render = next((s for s in stages if s.stage == "render-travel"), None)
+    summary = {}
+    if hf and llm:
+        summary["lmdeploy_over_hf"] = round(llm.audio_per_s / hf.audio_per_s, 1)
+    if llm and render:
+        summary["render_share_of_llm_only"] = round(render.audio_per_s / llm.audio_per_s, 3)
+        summary["share_of_wall_outside_llm"] = round(
+            max(0.0, 1 - llm.wall_s / render.wall_s * render.audio_s / llm.audio_s), 3
+        )
+    report["summary"] = summary
+    del by
+
+
+def _print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fastmaya bench: {report['device']} x{report['gpus']}, {report['date']}")
+    for column in ("stage", "engine", "chunks", "tokens/s", "audio s/s", "RTF", "wall s", "peak GiB"):
+        table.add_column(column)
+    for row in report["stages"]:
+        table.add_row(
+            row["stage"],
+            row["engine"],
+            str(row["chunks"]),
+            f"{row['tokens_per_s']:.0f}",
+            f"{row['audio_s_per_s']:.1f}",
+            str(row["rtf"]),
+            f"{row['wall_s']:.1f}",
+            str(row["peak_gpu_gib"]),
+        )
+    console = Console(stderr=False)
+    console.print(table)
+    console.print(
+        {"startup": report["startup"], "summary": report.get("summary"), "upsampler": report.get("upsampler")}
+    )

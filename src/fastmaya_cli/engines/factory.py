@@ -1,0 +1,106 @@
+"""Builds the engine that the options ask for; the only place that knows every engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..errors import InputError
+from . import Engine
+
+if TYPE_CHECKING:
+    from ..render import EngineOptions
+
+
+def lmdeploy_usable() -> bool:
+    if importlib.util.find_spec("lmdeploy") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_gpus(gpus: str | None) -> list[int]:
+    """'0,1' -> [0, 1]; 'all' -> every visible GPU; None -> []."""
+    if not gpus:
+        return []
+    if gpus == "all":
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+    try:
+        return [int(g) for g in gpus.split(",") if g.strip()]
+    except ValueError:
+        raise InputError(
+            f"--gpus '{gpus}' is not a list of GPU numbers.", "Use --gpus 0,1 or --gpus all."
+        ) from None
+
+
+def resolve_kind(kind: str) -> str:
+    if kind == "auto":
+        return "lmdeploy" if lmdeploy_usable() else "hf"
+    if kind == "lmdeploy" and importlib.util.find_spec("lmdeploy") is None:
+        raise InputError(
+            "--engine lmdeploy needs the lmdeploy package, which is not installed.",
+            "Install it with `pip install 'fastmaya[lmdeploy]'` on a machine with an NVIDIA GPU, or use --engine hf.",
+        )
+    return kind
+
+
+def engine_kwargs(options: EngineOptions, kind: str) -> dict:
+    if kind == "hf":
+        kwargs = dict(
+            model=options.model, device=options.device, dtype=options.dtype, sampling=options.sampling
+        )
+        if options.max_batch:
+            kwargs["max_batch"] = options.max_batch
+        return kwargs
+    if kind == "lmdeploy":
+        return dict(
+            model=options.model,
+            backend=options.backend,
+            sampling=options.sampling,
+            gpu_memory=options.gpu_memory,
+            max_batch=options.max_batch or 256,
+            kv_cache=options.kv_cache,
+            tp=options.tp,
+        )
+    if kind == "scripted":
+        return dict(faults=options.scripted_faults)
+    raise InputError(f"Unknown engine '{kind}'.", "Use --engine auto, lmdeploy or hf.")
+
+
+FACTORIES = {
+    "hf": "fastmaya_cli.engines.hf:HFEngine",
+    "lmdeploy": "fastmaya_cli.engines.lmdeploy:LMDeployEngine",
+    "scripted": "fastmaya_cli.engines.scripted:ScriptedEngine",
+}
+
+
+def create_engine(options: EngineOptions, note: Callable[[str], None]) -> Engine:
+    kind = resolve_kind(options.kind)
+    kwargs = engine_kwargs(options, kind)
+    gpus = parse_gpus(options.gpus)
+    if len(gpus) > 1 and options.tp == 1:
+        from .pool import EnginePool, EngineSpec
+
+        note(f"data-parallel: one {kind} engine on each of GPUs {', '.join(map(str, gpus))}")
+        return EnginePool(EngineSpec(FACTORIES[kind], kwargs), [f"cuda:{g}" for g in gpus], on_event=note)
+    if kind == "hf":
+        from .hf import HFEngine
+
+        if gpus:
+            kwargs["device"] = f"cuda:{gpus[0]}"
+        return HFEngine(**kwargs)
+    if kind == "lmdeploy":
+        from .lmdeploy import LMDeployEngine
+
+        if gpus:
+            # LMDeploy places its engine on the first visible GPU(s).
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        return LMDeployEngine(**kwargs)
+    from .scripted import ScriptedEngine
+
+    return ScriptedEngine(**kwargs)

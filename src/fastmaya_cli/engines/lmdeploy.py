@@ -1,0 +1,174 @@
+"""The GPU engine: LMDeploy with continuous batching over the whole book.
+
+Requests are handed to LMDeploy one by one as exact token ids (so the prompt is exactly Maya1's,
+with no second BOS) and kept `max_inflight` deep, so the scheduler always has the next chunks
+queued and never waits for the slowest member of a fixed batch. Results come back as each chunk
+finishes. `lmdeploy` is imported only here, and only when this engine is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+from ..errors import RuntimeFailure
+from . import Generation, Request, Sampling
+
+KV_CACHE_POLICIES = {"bf16": 0, "fp16": 0, "int8": 8, "int4": 4}
+# Prompt (description + chunk text, ~100-300 ids) plus at most 2048 new ids.
+SESSION_LEN = 4096
+_FEED_DONE = object()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return "out of memory" in text or "outofmemory" in text or "no enough" in text or "not enough" in text
+
+
+class LMDeployEngine:
+    name = "lmdeploy"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        backend: str = "pytorch",
+        sampling: Sampling = Sampling(),
+        gpu_memory: float = 0.85,
+        max_batch: int = 256,
+        kv_cache: str = "bf16",
+        tp: int = 1,
+        gpus: Sequence[int] = (),
+        device: str = "cuda:0",
+        max_inflight: int | None = None,
+        log_level: str = "ERROR",
+    ) -> None:
+        from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig, pipeline
+
+        # A pool worker sees only its own GPU, which is then cuda:0 whatever `device` it was given.
+        self.device = "cuda:0"
+        del device, gpus
+        self.sampling = sampling
+        self.max_inflight = max_inflight or 2 * max_batch
+        common = dict(
+            tp=tp,
+            max_batch_size=max_batch,
+            cache_max_entry_count=gpu_memory,
+            quant_policy=KV_CACHE_POLICIES[kv_cache],
+            session_len=SESSION_LEN,
+        )
+        config = TurbomindEngineConfig(**common) if backend == "turbomind" else PytorchEngineConfig(**common)
+        started = time.perf_counter()
+        try:
+            self.pipe = pipeline(str(model), backend_config=config, log_level=log_level)
+        except Exception as exc:
+            if _is_oom(exc):
+                raise RuntimeFailure(
+                    f"The model '{model}' or its KV cache does not fit on the GPU ({str(exc).splitlines()[0]}).",
+                    "Lower --gpu-memory (the share of free GPU memory for the KV cache, now "
+                    f"{gpu_memory}) or --max-batch (now {max_batch}), use --kv-cache int8, or spread it with --tp 2.",
+                ) from exc
+            raise RuntimeFailure(
+                f"LMDeploy could not start on '{model}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                "Check the model path (pre-download it with `hf download maya-research/maya1`) and the GPU; "
+                "--engine hf runs without LMDeploy.",
+            ) from exc
+        self.load_seconds = time.perf_counter() - started
+        self.engine = self.pipe.async_engine
+        self.loop = self.pipe.internal_thread.loop
+
+    def _gen_config(self, request: Request):  # noqa: ANN202 - lmdeploy.GenerationConfig
+        from lmdeploy import GenerationConfig
+
+        s = self.sampling
+        # do_sample must be set: LMDeploy's default (False) silently turns sampling and the
+        # repetition penalty off. top_k=50 matches transformers, whose default top-k Maya1s reference sampling uses.
+        return GenerationConfig(
+            do_sample=True,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=50,
+            repetition_penalty=s.repetition_penalty,
+            random_seed=request.seed,
+            max_new_tokens=request.max_new_tokens,
+            min_new_tokens=request.min_new_tokens,
+            stop_token_ids=[s.stop_id],
+            ignore_eos=request.min_new_tokens >= request.max_new_tokens,
+            skip_special_tokens=True,
+        )
+
+    async def _run_one(self, request: Request, results: queue.Queue) -> None:
+        engine = self.engine
+        tokens: list[int] = []
+        finish = None
+        try:
+            prepared = await engine.preprocess(
+                messages=None,
+                session_id=engine.session_mgr.get(),
+                input_ids=list(request.prompt_ids),
+                gen_config=self._gen_config(request),
+            )
+            async for out in engine.generate(prepared, stream_response=False):
+                tokens.extend(out.token_ids or ())
+                finish = out.finish_reason or finish
+        except Exception as exc:  # one failed request must not stop the book
+            results.put(
+                Generation(request.chunk_index, tuple(tokens), "error", error=str(exc) or type(exc).__name__)
+            )
+            return
+        if finish == "stop":
+            results.put(Generation(request.chunk_index, (*tokens, self.sampling.stop_id), "stop"))
+        elif finish == "length":
+            results.put(Generation(request.chunk_index, tuple(tokens), "length"))
+        else:
+            results.put(
+                Generation(request.chunk_index, tuple(tokens), "error", error=f"finish reason {finish}")
+            )
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Generation]:
+        results: queue.Queue = queue.Queue()
+        slots = threading.BoundedSemaphore(self.max_inflight)
+        submitted = 0
+        stop = threading.Event()
+
+        def feed() -> None:
+            # Runs in its own thread: pulling a request may wait for the renderer's retries.
+            nonlocal submitted
+            try:
+                for request in requests:
+                    while not slots.acquire(timeout=0.5):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    submitted += 1
+                    asyncio.run_coroutine_threadsafe(self._run_one(request, results), self.loop)
+            except BaseException as exc:
+                results.put(exc)
+            finally:
+                results.put(_FEED_DONE)
+
+        feeder = threading.Thread(target=feed, name="fastmaya-lmdeploy-feed", daemon=True)
+        feeder.start()
+        received, feed_done = 0, False
+        try:
+            while not feed_done or received < submitted:
+                item = results.get()
+                if item is _FEED_DONE:
+                    feed_done = True
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                received += 1
+                slots.release()
+                yield item
+        finally:
+            stop.set()
+
+    def close(self) -> None:
+        pipe, self.pipe = getattr(self, "pipe", None), None
+        if pipe is not None:
+            pipe.close()

@@ -1,0 +1,586 @@
+"""The orchestrator: text -> requests -> engine -> codes -> SNAC -> upsampler -> assembler.
+
+The engine runs in the calling thread and yields chunks as they complete. A decode worker turns
+completed groups of consecutive chunks into audio on the GPU while generation goes on, and hands
+them to the assembler in book order. Groups are fixed ranges of chunk indices, so a chunk's audio
+does not depend on when it finished or whether it came from the cache: a resumed run writes the
+same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import maya1
+from .assemble import Assembler, BookInfo, OutputSpec, Pauses, Segment, check_output, output_lock
+from .cache import CachedChunk, ChunkCache, atomic_write, fingerprint, model_fingerprint
+from .codec import DEFAULT_CODEC, SnacDecoder
+from .engines import Engine, Generation, Request, Sampling
+from .engines.factory import parse_gpus
+from .engines.feed import RequestFeed
+from .errors import RuntimeFailure
+from .progress import Progress
+from .text import Book, Chunk, expected_seconds, iter_chunks, read_book, spoken_text
+
+DEFAULT_MODEL = "maya-research/maya1"
+FAILED_SILENCE_S = 0.5
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    kind: str = "auto"  # auto | lmdeploy | hf | scripted
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int | None = None
+    gpu_memory: float = 0.85
+    kv_cache: str = "bf16"
+    tp: int = 1
+    gpus: str | None = None
+    backend: str = "pytorch"
+    sampling: Sampling = Sampling()
+    scripted_faults: dict[int, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    voice: str
+    seed: int = 0
+    engine: EngineOptions = EngineOptions()
+    codec: str = DEFAULT_CODEC
+    upsampler: str = "auto"
+    upsampler_weights: str | None = None
+    retries: int = 2
+    fixed_length: bool = False
+    max_new_tokens: int = 2048
+    max_chunk_seconds: float = 18.0
+    words_per_second: float = 2.5
+    decode_batch: int = 32
+    preview: int | None = None
+    normalize: bool = True
+    encoding: str = "utf-8"
+    cache_dir: Path | None = None
+    force: bool = False
+    pauses: Pauses = Pauses()
+    max_chunks: int | None = None  # render only the first N chunks (benchmarks)
+
+
+@dataclass
+class ChunkState:
+    """What the renderer knows about one chunk while the book renders."""
+
+    chunk: Chunk
+    key: str
+    attempts: int = 0
+    seed: int = 0
+    codes: maya1.Codes | None = None
+    status: str = "pending"  # pending | ok | failed
+    reason: str = ""
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    output: Path | None
+    chunks: int
+    failed: int
+    cached: int
+    audio_s: float
+    wall_s: float
+    skipped: bool = False
+    generate_s: float = 0.0
+    startup_s: float = 0.0
+
+
+def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> float:
+    """How much speech to pack into one chunk.
+
+    A long book fills the engine whatever the chunk size, and longer chunks keep more prosody; a short
+    text packed that tightly would leave most of the batch idle, so it is cut finer, down to one
+    sentence a chunk.
+    """
+    return min(max_seconds, book_seconds / max(1, parallel))
+
+
+def select_preview(chunks: Sequence[Chunk], sentences: int | None) -> list[Chunk]:
+    """The chunks that hold the book's first `sentences` sentences (headings before them included)."""
+    if sentences is None:
+        return list(chunks)
+    return list(_until_sentence(chunks, sentences))
+
+
+def _until_sentence(chunks: Sequence[Chunk], sentences: int) -> Iterator[Chunk]:
+    for chunk in chunks:
+        if chunk.sentences and min(chunk.sentences) >= sentences:
+            return
+        yield chunk
+
+
+class Renderer:
+    """Holds the models for a process: they load once, on the first book that needs them."""
+
+    def __init__(self, options: RenderOptions, progress: Progress, *, engine: Engine | None = None) -> None:
+        self.options = options
+        self.progress = progress
+        self.voice = maya1.clean_voice(options.voice)
+        self._engine = engine
+        self._encode: Callable[[str], list[int]] | None = None
+        self._decoder: SnacDecoder | None = None
+        self._upsampler = None
+        self.startup: dict[str, float] = {}
+        self.cache = ChunkCache(options.cache_dir)
+        self._model_id = model_fingerprint(options.engine.model)
+
+    # models ---------------------------------------------------------------------------------
+    @property
+    def encode(self) -> Callable[[str], list[int]]:
+        if self._encode is None:
+            self._encode = self._timed("tokenizer", lambda: maya1.load_encoder(self.options.engine.model))
+        return self._encode
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            from .engines.factory import create_engine
+
+            self._engine = self._timed(
+                "engine", lambda: create_engine(self.options.engine, self.progress.note)
+            )
+        return self._engine
+
+    @property
+    def decoder(self) -> SnacDecoder:
+        if self._decoder is None:
+            self._decoder = self._timed("codec", lambda: SnacDecoder(self.options.codec, self.audio_device()))
+        return self._decoder
+
+    @property
+    def upsampler(self):  # noqa: ANN201 - upsample.Upsampler
+        if self._upsampler is None:
+            from .upsample import load_upsampler
+
+            self._upsampler = self._timed(
+                "upsampler",
+                lambda: load_upsampler(
+                    self.options.upsampler,
+                    weights=self.options.upsampler_weights,
+                    device=self.audio_device(),
+                    warn=self.progress.note,
+                ),
+            )
+        return self._upsampler
+
+    def parallel_width(self) -> int:
+        """How many chunks the engine runs side by side (its batch), without building the engine."""
+        engine = self.options.engine
+        if engine.max_batch:
+            return engine.max_batch
+        from .engines.factory import resolve_kind
+
+        if resolve_kind(engine.kind) == "lmdeploy":
+            return 256 * max(1, len(parse_gpus(engine.gpus)))
+        return 64 if self.audio_device().startswith("cuda") else 8
+
+    def audio_device(self) -> str:
+        """Decode and upsample next to the engine: on the (first) GPU it uses, or the CPU.
+
+        Known from the options, so the codec can load before the engine takes its share of GPU memory.
+        """
+        if self._engine is not None:
+            device = self._engine.device.split(",")[0]
+            return "cuda:0" if device == "cuda" else device
+        import torch
+
+        from .engines.factory import resolve_kind
+
+        engine = self.options.engine
+        if resolve_kind(engine.kind) == "hf" and engine.device not in ("auto", "cuda"):
+            return engine.device
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+    def _timed(self, name: str, load: Callable[[], object]):  # noqa: ANN202
+        started = time.perf_counter()
+        value = load()
+        self.startup[name] = time.perf_counter() - started
+        return value
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+    # one book -------------------------------------------------------------------------------
+    def plan(self, source: str | Path) -> tuple[Book, list[Chunk]]:
+        """Read and chunk a book (text stage only; loads no model)."""
+        opts = self.options
+        book = read_book(source, encoding=opts.encoding, normalize=opts.normalize)
+        for warning in book.warnings:
+            self.progress.note(warning)
+        pack = pack_seconds(expected_seconds(spoken_text(book), opts.words_per_second), self.parallel_width(),
+                            opts.max_chunk_seconds)
+        chunks = list(iter_chunks(book, max_seconds=opts.max_chunk_seconds, words_per_second=opts.words_per_second,
+                                  pack_seconds=pack))
+        chunks = select_preview(chunks, opts.preview)[: opts.max_chunks]
+        if not chunks:
+            raise RuntimeFailure(f"Nothing to speak in {source}.", "Check that the file holds text.")
+        return book, chunks
+
+    def render(self, source: str | Path, spec: OutputSpec) -> RenderResult:
+        opts = self.options
+        book, chunks = self.plan(source)
+        states = [ChunkState(chunk=c, key=self.chunk_key(c)) for c in chunks]
+        spec = self._complete_spec(spec, book)
+        stamp = self._stamp(states, spec)
+        if not opts.force and is_up_to_date(self.stamp_path(spec), stamp, spec):
+            self.progress.note(f"{spec.path} is up to date; pass --force to render it again")
+            return RenderResult(spec.path, len(states), 0, len(states), 0.0, 0.0, skipped=True)
+        check_output(spec)
+        _ = self.decoder  # before the engine, which takes most of the free GPU memory
+        lock = output_lock(spec.path) if spec.path is not None else _no_lock()
+        with lock:
+            result = self._render_states(book, states, spec)
+        if spec.path is not None and result.failed == 0:
+            write_stamp(self.stamp_path(spec), stamp, spec)
+        return result
+
+    def chunk_key(self, chunk: Chunk) -> str:
+        o = self.options
+        return fingerprint(
+            chunk.text,
+            self.voice,
+            self._model_id,
+            dataclasses.asdict(o.engine.sampling),
+            o.seed,
+            o.fixed_length,
+            o.max_new_tokens,
+        )
+
+    def _complete_spec(self, spec: OutputSpec, book: Book) -> OutputSpec:
+        info = spec.info
+        meta = book.meta
+        info = BookInfo(
+            title=info.title or meta.title or (Path(meta.source).stem if meta.source != "-" else None),
+            author=info.author or meta.author,
+            narrator=info.narrator or self.voice,
+            cover=info.cover or meta.cover,
+            cover_mime=info.cover_mime or meta.cover_mime,
+        )
+        rate = self.upsampler.output_rate
+        return dataclasses.replace(spec, info=info, sample_rate=rate)
+
+    def _stamp(self, states: Sequence[ChunkState], spec: OutputSpec) -> str:
+        o = self.options
+        spec_fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "info"}
+        info = dataclasses.asdict(spec.info)
+        info["cover"] = fingerprint(info["cover"]) if info["cover"] else None
+        return fingerprint(
+            [s.key for s in states],
+            spec_fields,
+            info,
+            dataclasses.asdict(o.pauses),
+            o.codec,
+            o.upsampler,
+            o.upsampler_weights,
+            getattr(self._upsampler, "name", None),
+        )
+
+    def stamp_path(self, spec: OutputSpec) -> Path | None:
+        if spec.path is None or self.options.cache_dir is None:
+            return None
+        return self.options.cache_dir / "outputs" / f"{fingerprint(str(spec.path.resolve()))}.json"
+
+    def _render_states(self, book: Book, states: list[ChunkState], spec: OutputSpec) -> RenderResult:
+        opts = self.options
+        expected_audio = sum(s.chunk.seconds for s in states)
+        self.progress.start(str(book.meta.source), len(states), expected_audio)
+        tracker = GroupTracker(len(states), opts.decode_batch)
+        for index, state in enumerate(states):
+            hit = self.cache.get(state.key)
+            if hit is not None:
+                state.codes, state.seed, state.attempts = hit.codes, hit.seed, hit.attempts
+                state.status, state.cached = "ok", True
+                self.progress.chunk_done(index, hit.codes.seconds, cached=True)
+                tracker.resolve(index)
+        pending = [i for i, s in enumerate(states) if s.status == "pending"]
+        started = time.perf_counter()
+        with Assembler(spec, opts.pauses) as assembler:
+            worker = DecodeWorker(self, states, tracker, assembler, book)
+            worker.start()
+            try:
+                if pending:
+                    self._generate(states, pending, tracker)
+                worker.join_checked()
+            except BaseException:
+                worker.stop()
+                raise
+            generate_s = time.perf_counter() - started
+            assembler.finish()
+        failed = sum(1 for s in states if s.status == "failed")
+        self.progress.finish(output=str(spec.path) if spec.path else "-")
+        if spec.manifest is None and failed:
+            self.progress.note("failed chunks are listed with --manifest PATH")
+        tally = self.progress.tally
+        return RenderResult(
+            spec.path,
+            len(states),
+            failed,
+            tally.cached,
+            tally.audio_s,
+            tally.wall_s,
+            generate_s=generate_s,
+            startup_s=sum(self.startup.values()),
+        )
+
+    def _request(self, index: int, state: ChunkState) -> Request:
+        state.seed = maya1.chunk_seed(self.options.seed, state.chunk.text, state.attempts)
+        return self.request_for(index, state.chunk, state.seed)
+
+    def request_for(self, index: int, chunk: Chunk, seed: int) -> Request:
+        o = self.options
+        min_new, max_new = maya1.token_budget(
+            chunk.seconds, fixed_length=o.fixed_length, limit=o.max_new_tokens
+        )
+        return Request(index, maya1.prompt_ids(self.encode, self.voice, chunk.text), seed, max_new, min_new)
+
+    def warm_up(self) -> None:
+        """Load every model now rather than on first use (benchmarks time start-up on its own)."""
+        _ = self.encode, self.decoder, self.upsampler, self.engine
+
+    def _generate(self, states: list[ChunkState], pending: list[int], tracker: GroupTracker) -> None:
+        feed = RequestFeed(self._request(i, states[i]) for i in pending)
+        try:
+            for generation in self.engine.generate(feed):
+                retry = self._accept(states, generation, tracker)
+                feed.resolved(retry)
+        except BaseException:
+            feed.close()
+            raise
+
+    def _accept(
+        self, states: list[ChunkState], generation: Generation, tracker: GroupTracker
+    ) -> Request | None:
+        index = generation.chunk_index
+        state = states[index]
+        codes = maya1.unpack(generation.token_ids)
+        reason = maya1.check_generation(
+            codes,
+            generation.finish_reason,
+            state.chunk.seconds,
+            fixed_length=self.options.fixed_length,
+            error=generation.error,
+        )
+        state.attempts += 1
+        if reason is not None and state.attempts <= self.options.retries:
+            self.progress.retry(index, reason, state.attempts)
+            return self._request(index, state)
+        if reason is None:
+            state.codes, state.status = codes, "ok"
+            self.cache.put(state.key, CachedChunk(codes, state.seed, state.attempts))
+            self.progress.chunk_done(index, codes.seconds, cached=False, tokens=len(generation.token_ids))
+        else:
+            state.status, state.reason = "failed", reason
+            self.progress.failed(index, reason)
+        tracker.resolve(index)
+        return None
+
+
+class GroupTracker:
+    """Counts resolved chunks per decode group; the worker waits on the next group in order."""
+
+    def __init__(self, chunks: int, group_size: int) -> None:
+        self.group_size = max(1, group_size)
+        self.groups = (chunks + self.group_size - 1) // self.group_size
+        self.chunks = chunks
+        self._missing = [len(self.members(g)) for g in range(self.groups)]
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    def members(self, group: int) -> range:
+        return range(group * self.group_size, min((group + 1) * self.group_size, self.chunks))
+
+    def resolve(self, index: int) -> None:
+        with self._cond:
+            self._missing[index // self.group_size] -= 1
+            self._cond.notify_all()
+
+    def wait_for(self, group: int) -> bool:
+        with self._cond:
+            while self._missing[group] > 0 and not self._stopped:
+                self._cond.wait(timeout=0.5)
+            return not self._stopped
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+
+class DecodeWorker(threading.Thread):
+    """Decodes and upsamples each group as soon as it is complete, then assembles it in order."""
+
+    def __init__(
+        self,
+        renderer: Renderer,
+        states: list[ChunkState],
+        tracker: GroupTracker,
+        assembler: Assembler,
+        book: Book,
+    ) -> None:
+        super().__init__(name="fastmaya-decode", daemon=True)
+        self.renderer = renderer
+        self.states = states
+        self.tracker = tracker
+        self.assembler = assembler
+        self.titles = {c.index: c.title for c in book.chapters}
+        self.error: BaseException | None = None
+        self.book_seed = renderer.options.seed
+
+    def run(self) -> None:
+        try:
+            for group in range(self.tracker.groups):
+                if not self.tracker.wait_for(group):
+                    return
+                self._assemble(self.tracker.members(group), self._decode(group))
+        except BaseException as exc:  # handed to the main thread by join_checked
+            self.error = exc
+
+    def _decode(self, group: int) -> dict[int, np.ndarray]:
+        members = [i for i in self.tracker.members(group) if self.states[i].status == "ok"]
+        if not members:
+            return {}
+        codes = [self.states[i].codes for i in members]
+        audio, _ = decode_and_upsample(
+            self.renderer.decoder, self.renderer.upsampler, codes, seed=self.book_seed * 1_000_003 + group
+        )
+        return dict(zip(members, audio, strict=True))
+
+    def _assemble(self, members: range, audio: dict[int, np.ndarray]) -> None:
+        rate = self.renderer.upsampler.output_rate
+        for index in members:
+            state = self.states[index]
+            chunk = state.chunk
+            clip = audio.get(index)
+            if clip is None:
+                clip = np.zeros(int(FAILED_SILENCE_S * rate), dtype=np.float32)
+            self.assembler.add(
+                Segment(
+                    chunk_index=index,
+                    audio=clip,
+                    boundary=chunk.boundary,
+                    chapter=chunk.chapter,
+                    chapter_title=self.titles.get(chunk.chapter),
+                    text=chunk.text,
+                    status=state.status,
+                    reason=state.reason,
+                    frames=state.codes.frames if state.codes is not None else 0,
+                    seed=state.seed,
+                    attempts=state.attempts,
+                )
+            )
+            state.codes = None  # decoded: free it
+
+    def stop(self) -> None:
+        self.tracker.stop()
+        self.join(timeout=30)
+
+    def join_checked(self) -> None:
+        while self.is_alive():
+            self.join(timeout=0.5)
+        if self.error is not None:
+            raise self.error
+
+
+# Padded frames per SNAC call: about 3 minutes of audio, a few GB of activations at most.
+DECODE_FRAMES_PER_CALL = 2048
+
+
+def sub_batches(frames: Sequence[int], budget: int = DECODE_FRAMES_PER_CALL) -> list[range]:
+    """Consecutive ranges whose padded size (rows x longest) stays within `budget` frames."""
+    ranges, start, widest = [], 0, 0
+    for index, count in enumerate(frames):
+        widest_with = max(widest, count)
+        if index > start and widest_with * (index - start + 1) > budget:
+            ranges.append(range(start, index))
+            start, widest_with = index, count
+        widest = widest_with
+    if frames:
+        ranges.append(range(start, len(frames)))
+    return ranges
+
+
+def decode_and_upsample(
+    decoder: SnacDecoder,
+    upsampler,  # noqa: ANN001 - upsample.Upsampler
+    codes: Sequence[maya1.Codes],
+    *,
+    seed: int,
+) -> tuple[list[np.ndarray], list[int]]:
+    """Chunks through SNAC and the upsampler, split back into per-chunk float32 arrays.
+
+    Calls are bounded in size; one that still runs out of GPU memory is split in half and retried.
+    """
+    clips: list[np.ndarray] = []
+    for part in sub_batches([c.frames for c in codes]):
+        clips.extend(_decode_part(decoder, upsampler, [codes[i] for i in part], seed + part.start))
+    return clips, [len(c) for c in clips]
+
+
+def _decode_part(decoder: SnacDecoder, upsampler, codes: list[maya1.Codes], seed: int) -> list[np.ndarray]:  # noqa: ANN001
+    import torch
+
+    try:
+        audio, lengths = decoder.decode(codes, seed=seed)
+        audio, lengths = upsampler(audio, lengths)
+        host = audio.float().cpu().numpy()
+    except torch.OutOfMemoryError:
+        if len(codes) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(codes) // 2
+        return _decode_part(decoder, upsampler, codes[:half], seed) + _decode_part(
+            decoder, upsampler, codes[half:], seed + half
+        )
+    return [host[row, :length].copy() for row, length in enumerate(lengths)]
+
+
+def is_up_to_date(stamp_path: Path | None, stamp: str, spec: OutputSpec) -> bool:
+    if stamp_path is None or spec.path is None or not spec.path.exists():
+        return False
+    try:
+        saved = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        return False
+    stat = spec.path.stat()
+    return (
+        saved.get("stamp") == stamp
+        and saved.get("size") == stat.st_size
+        and saved.get("mtime") == stat.st_mtime
+    )
+
+
+def write_stamp(stamp_path: Path | None, stamp: str, spec: OutputSpec) -> None:
+    if stamp_path is None or spec.path is None or not spec.path.exists():
+        return
+    stat = spec.path.stat()
+    atomic_write(
+        stamp_path,
+        json.dumps(
+            {"stamp": stamp, "size": stat.st_size, "mtime": stat.st_mtime, "output": str(spec.path)}
+        ).encode(),
+    )
+
+
+class _no_lock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny Maya1-layout checkpoints built at test time, and the real data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def _cache_root() -> Path:
+    # Outside the repo, reused between runs: building the tokenizer takes a few seconds.
+    return Path(os.environ.get("FASTMAYA_TEST_CACHE", Path.home() / ".cache" / "fastmaya-tests"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_hub() -> None:
+    """No test may touch the network: the hub client is told it is offline."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from fastmaya_cli.checkpoints import random_maya1
+
+    return random_maya1(_cache_root(), size="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_snac() -> Path:
+    from fastmaya_cli.checkpoints import random_snac
+
+    return random_snac(_cache_root(), tiny=True)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"real data folder {DATA} is absent (it sits beside the repo as ../shared/data)")
+    return DATA

@@ -1,0 +1,198 @@
+"""Whole-book loudness: measurement, the one global gain, and the result on real speech."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyloudnorm
+import pytest
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from fastmaya_cli.assemble import Assembler, OutputSpec, Pauses, Segment
+from fastmaya_cli.errors import InputError
+from fastmaya_cli.loudness import (
+    LOUDNESS_TARGETS,
+    TRUE_PEAK_SAFETY_DB,
+    LoudnessMeter,
+    LoudnessReport,
+    Measurement,
+    global_gain_db,
+    loudness_target,
+    measure_file,
+    parse_ebur128_summary,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FFMPEG = shutil.which("ffmpeg")
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not installed")
+SR = 48000
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    """5.5 s of real Maya1 speech, resampled 24 kHz -> 48 kHz (peak at 0 dBFS, about -16 LUFS)."""
+    path = DATA / "maya1_24k.wav"
+    if not path.exists():
+        pytest.skip(f"real speech sample missing: {path}")
+    audio, rate = sf.read(path, dtype="float32")
+    assert rate == 24000
+    return resample_poly(audio, 2, 1).astype(np.float32)
+
+
+def true_peak_dbtp(audio: np.ndarray) -> float:
+    """4x oversampled peak, as BS.1770 specifies for true peak."""
+    return 20 * math.log10(float(np.max(np.abs(resample_poly(audio.astype(np.float64), 4, 1)))))
+
+
+def assemble(tmp_path: Path, pieces: list[np.ndarray], loudness: str, name: str = "book.wav") -> Path:
+    path, _ = assemble_with_report(tmp_path, pieces, loudness, name)
+    return path
+
+
+def assemble_with_report(
+    tmp_path: Path, pieces: list[np.ndarray], loudness: str, name: str = "book.wav"
+) -> tuple[Path, LoudnessReport]:
+    spec = OutputSpec(tmp_path / name, "wav", sample_rate=SR, loudness=loudness, bit_depth=24)
+    with Assembler(spec, Pauses()) as assembler:
+        for index, piece in enumerate(pieces):
+            assembler.add(Segment(index, piece, "paragraph", 1, "One", f"chunk {index}"))
+        result = assembler.finish()
+    return tmp_path / name, result.loudness
+
+
+SUMMARY = """
+[Parsed_ebur128_0 @ 0x55] t: 5.1  TARGET:-23 LUFS    M: -17.0 S: -16.4     I: -16.2 LUFS
+[Parsed_ebur128_0 @ 0x55] Summary:
+
+  Integrated loudness:
+    I:         -16.1 LUFS
+    Threshold: -26.7 LUFS
+
+  Loudness range:
+    LRA:         1.9 LU
+    Threshold: -36.7 LUFS
+    LRA low:   -17.6 LUFS
+    LRA high:  -15.8 LUFS
+
+  True peak:
+    Peak:        0.4 dBFS
+"""
+
+
+def test_parse_summary_reads_the_final_figures_not_the_running_ones() -> None:
+    assert parse_ebur128_summary(SUMMARY) == Measurement(-16.1, 0.4)
+
+
+def test_parse_summary_of_silence_gives_minus_infinity() -> None:
+    silent = SUMMARY.replace("-16.1 LUFS", "-70.0 LUFS").replace("0.4 dBFS", "-inf dBFS")
+    measured = parse_ebur128_summary(silent)
+    assert measured.integrated_lufs == -70.0 and measured.true_peak_dbtp == -math.inf
+    with pytest.raises(ValueError):
+        parse_ebur128_summary("ffmpeg said nothing useful")
+
+
+def test_gain_reaches_the_target_when_the_peak_allows() -> None:
+    acx = LOUDNESS_TARGETS["acx"]
+    assert global_gain_db(Measurement(-25.0, -12.0), acx) == pytest.approx(6.0)
+    assert global_gain_db(Measurement(-14.0, -1.0), acx) == pytest.approx(-5.0)
+
+
+def test_gain_stops_at_the_true_peak_limit() -> None:
+    acx = LOUDNESS_TARGETS["acx"]
+    gain = global_gain_db(Measurement(-25.0, -6.0), acx)  # +6 dB would put the peak at 0 dBTP
+    assert gain == pytest.approx(-3.0 - TRUE_PEAK_SAFETY_DB + 6.0)
+    podcast = LOUDNESS_TARGETS["podcast"]
+    assert global_gain_db(Measurement(-20.0, -2.0), podcast) == pytest.approx(1.0 - TRUE_PEAK_SAFETY_DB)
+
+
+def test_silence_is_left_alone() -> None:
+    acx = LOUDNESS_TARGETS["acx"]
+    assert global_gain_db(Measurement(-math.inf, -math.inf), acx) == 0.0
+    assert global_gain_db(Measurement(-70.0, -60.0), acx) == 0.0
+
+
+def test_unknown_target_is_an_input_error() -> None:
+    assert loudness_target("OFF") is None
+    assert loudness_target("acx") == LOUDNESS_TARGETS["acx"]
+    with pytest.raises(InputError, match="unknown loudness target"):
+        loudness_target("loud")
+
+
+@needs_ffmpeg
+def test_streaming_meter_agrees_with_pyloudnorm(speech: np.ndarray) -> None:
+    assert FFMPEG is not None
+    signal = np.concatenate([speech, 0.5 * speech, speech])
+    meter = LoudnessMeter(FFMPEG, SR)
+    for start in range(0, len(signal), 10_000):  # fed in pieces, like the assembler does
+        meter.feed(signal[start : start + 10_000])
+    measured = meter.result()
+    reference = pyloudnorm.Meter(SR).integrated_loudness(signal.astype(np.float64))
+    assert measured.integrated_lufs == pytest.approx(reference, abs=0.15)
+    assert measured.true_peak_dbtp == pytest.approx(true_peak_dbtp(signal), abs=0.15)
+
+
+@needs_ffmpeg
+def test_acx_on_real_speech_at_different_levels(tmp_path: Path, speech: np.ndarray) -> None:
+    # Peak-limited speech (as a mastering limiter leaves it), so -19 LUFS is reachable under -3 dBTP;
+    # raw Maya1 speech peaks 16 dB above its loudness, see the next test.
+    limited = np.clip(speech, -0.5, 0.5)
+    levels = [1.0, 0.6, 0.4, 0.8, 0.5]
+    pieces = [level * limited for level in levels]  # about 28 s
+    path, report = assemble_with_report(tmp_path, pieces, "acx")
+
+    result, rate = sf.read(path, dtype="float64")
+    assert rate == SR
+    loudness = pyloudnorm.Meter(SR).integrated_loudness(result)
+    assert loudness == pytest.approx(-19.0, abs=0.5)
+    assert true_peak_dbtp(result) <= -3.0
+    assert report.mode == "acx" and report.target_lufs == -19.0
+    assert report.integrated_lufs_after == pytest.approx(loudness, abs=0.2)
+    assert report.gain_db == pytest.approx(report.integrated_lufs_after - report.integrated_lufs_before)
+    assert report.true_peak_dbtp_after == pytest.approx(true_peak_dbtp(result), abs=0.2)
+    assert FFMPEG is not None
+    assert measure_file(FFMPEG, path).true_peak_dbtp <= -3.0
+
+    # One global gain: every chunk moved by the same number of dB, so their level differences survive.
+    head, pause, fade = round(0.5 * SR), round(0.6 * SR), round(0.01 * SR)
+    gains, start = [], head
+    for piece in pieces:
+        placed = result[start + fade : start + len(piece) - fade]
+        gains.append(20 * math.log10(np.sqrt(np.mean(placed**2)) / np.sqrt(np.mean(piece[fade:-fade] ** 2))))
+        start += len(piece) + pause - fade
+    assert max(gains) - min(gains) < 0.01
+
+
+@needs_ffmpeg
+def test_true_peak_limit_wins_over_the_loudness_target(tmp_path: Path, speech: np.ndarray) -> None:
+    pieces = [speech, 0.7 * speech, 0.5 * speech]  # raw speech: peak 0 dBFS, about -17 LUFS overall
+    before = pyloudnorm.Meter(SR).integrated_loudness(
+        np.concatenate([np.zeros(SR // 2), *[np.concatenate([p, np.zeros(SR // 2)]) for p in pieces]])
+    )
+    path = assemble(tmp_path, pieces, "acx")
+    result, _ = sf.read(path, dtype="float64")
+    peak = true_peak_dbtp(result)
+    loudness = pyloudnorm.Meter(SR).integrated_loudness(result)
+    assert -3.0 - 3 * TRUE_PEAK_SAFETY_DB <= peak <= -3.0  # the gain stopped right at the limit
+    assert loudness < -19.5  # so the target was not reached ...
+    assert loudness - before == pytest.approx(peak - true_peak_dbtp(np.concatenate(pieces)), abs=0.1)
+
+
+@needs_ffmpeg
+def test_podcast_target(tmp_path: Path, speech: np.ndarray) -> None:
+    limited = np.clip(speech, -0.3, 0.3)
+    path = assemble(tmp_path, [limited, 0.8 * limited], "podcast")
+    result, _ = sf.read(path, dtype="float64")
+    assert pyloudnorm.Meter(SR).integrated_loudness(result) == pytest.approx(-16.0, abs=0.5)
+    assert true_peak_dbtp(result) <= -1.0
+
+
+def test_loudness_off_keeps_the_samples(tmp_path: Path, speech: np.ndarray) -> None:
+    piece = 0.3 * speech[: SR * 2]
+    path = assemble(tmp_path, [piece], "off")
+    result, _ = sf.read(path, dtype="float32")
+    head, fade = round(0.5 * SR), round(0.01 * SR)
+    np.testing.assert_allclose(result[head + fade : head + len(piece) - fade], piece[fade:-fade], atol=2e-6)
