@@ -157,7 +157,7 @@ def _render_cmd(book, base_args, out, cache):
             "--max-batch", "1", "--progress", "json", "--loudness", "off"]
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(book, base_args, tmp_path, how):
     reference = tmp_path / "reference.wav"
     assert subprocess.run(_render_cmd(book, base_args, reference, tmp_path / "c1"), capture_output=True,
@@ -173,7 +173,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(book, base_arg
                 break
     code = proc.wait(timeout=60)
     proc.stderr.close()
-    assert code == (143 if how == "SIGTERM" else -9)
+    assert code == {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}[how]
     assert not out.exists()  # no partial output
     rerun = subprocess.run(_render_cmd(book, base_args, out, tmp_path / "c2"), capture_output=True, text=True,
                            timeout=300)

@@ -273,7 +273,6 @@ def run_bench(opts: BenchOptions) -> dict:
         # None: the dtype the renderer uses (fp16 on CUDA); bf16 for comparison.
         for dtype in (None, torch.bfloat16):
             row = benchmark_upsampler("cuda", dtype, batch=64, seconds=10.0, compile=True, weights=weights)
-            )
             report.setdefault("upsampler", []).append(row)
             print(json.dumps({"stage": "upsampler", **row}), flush=True)
 

@@ -365,6 +365,8 @@ def plan_outputs(
         directory = Path(output)
         if directory.exists() and not directory.is_dir():
             raise InputError(f"{directory} is a file, but an output directory is needed.", "Pass -o DIR/.")
+        if not split_chapters and directory.parent.is_dir():
+            directory.mkdir(exist_ok=True)  # one level, as `-o shelf/` asks; a missing parent stays an error
         if split_chapters:
             return (
                 [(inputs[0], directory, fmt)]

@@ -129,6 +129,19 @@ def report_for(mode: str, measured: Measurement | None, gain_db: float) -> Loudn
 _NUMBER = r"(-?(?:inf|nan|\d+(?:\.\d+)?))"
 
 
+def kill_process(process: subprocess.Popen | None) -> None:
+    """Stop an ffmpeg child at once, closing its input pipe whether or not it is still reading."""
+    if process is None:
+        return
+    process.kill()
+    try:
+        if process.stdin is not None:
+            process.stdin.close()
+    except BrokenPipeError:
+        pass
+    process.wait()
+
+
 def parse_ebur128_summary(log: str) -> Measurement:
     """Read integrated loudness and true peak from the summary ffmpeg's ebur128 filter logs at the end."""
     start = log.rfind("Summary:")
@@ -221,16 +234,8 @@ class LoudnessMeter:
 
     def abort(self) -> None:
         """Stop ffmpeg without waiting for a summary (on errors)."""
-        process = self._process
+        kill_process(self._process)
         self._process = None
-        if process is not None:
-            process.kill()
-            try:
-                if process.stdin is not None:
-                    process.stdin.close()
-            except BrokenPipeError:
-                pass
-            process.wait()
         self._log.close()
 
     def _read_log(self) -> str:

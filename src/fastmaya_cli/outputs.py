@@ -35,7 +35,7 @@ import numpy as np
 import soundfile as sf
 
 from fastmaya_cli.errors import InputError, RuntimeFailure
-from fastmaya_cli.loudness import loudness_target
+from fastmaya_cli.loudness import kill_process, loudness_target
 
 
 @dataclass(frozen=True)
@@ -626,16 +626,8 @@ class FfmpegWriter:
         self._log.close()
 
     def abort(self) -> None:
-        process = self._process
+        kill_process(self._process)
         self._process = None
-        if process is not None:
-            process.kill()
-            try:
-                if process.stdin is not None:
-                    process.stdin.close()
-            except BrokenPipeError:
-                pass
-            process.wait()
         self._log.close()
 
     def _failure(self) -> RuntimeFailure:

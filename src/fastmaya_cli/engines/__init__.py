@@ -15,10 +15,14 @@ FinishReason = Literal["stop", "length", "error"]
 
 @dataclass(frozen=True)
 class Sampling:
-    """Maya1's recommended sampling; the same for every engine."""
+    """Maya1's recommended sampling; the same for every engine.
+
+    top_k 50 is what Maya1's reference (transformers `generate`, whose default top-k is 50) applies.
+    """
 
     temperature: float = 0.4
     top_p: float = 0.9
+    top_k: int = 50
     repetition_penalty: float = 1.1
     stop_id: int = 128258
 

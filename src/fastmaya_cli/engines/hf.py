@@ -99,6 +99,7 @@ class HFEngine:
             LogitsProcessorList,
             RepetitionPenaltyLogitsProcessor,
             TemperatureLogitsWarper,
+            TopKLogitsWarper,
             TopPLogitsWarper,
         )
 
@@ -115,6 +116,7 @@ class HFEngine:
             [
                 RepetitionPenaltyLogitsProcessor(self.sampling.repetition_penalty),
                 TemperatureLogitsWarper(self.sampling.temperature),
+                TopKLogitsWarper(self.sampling.top_k),
                 TopPLogitsWarper(self.sampling.top_p),
                 SeededDraw([r.seed for r in batch], self.torch_device),
             ]

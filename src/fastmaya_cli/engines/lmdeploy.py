@@ -85,12 +85,12 @@ class LMDeployEngine:
 
         s = self.sampling
         # do_sample must be set: LMDeploy's default (False) silently turns sampling and the
-        # repetition penalty off. top_k=50 matches transformers, whose default top-k Maya1s reference sampling uses.
+        # repetition penalty off. top_k as in Maya1's reference.
         return GenerationConfig(
             do_sample=True,
             temperature=s.temperature,
             top_p=s.top_p,
-            top_k=50,
+            top_k=s.top_k,
             repetition_penalty=s.repetition_penalty,
             random_seed=request.seed,
             max_new_tokens=request.max_new_tokens,
