@@ -284,7 +284,6 @@ def run_bench(opts: BenchOptions) -> dict:
 
 
 def _summarise(report: dict, stages: list[StageResult]) -> None:
-    by = {(s.stage, s.engine): s for s in stages}
     hf = next((s for s in stages if s.engine == "hf"), None)
     llm = next((s for s in stages if s.stage == "llm-travel" and s.engine != "hf"), None)
     render = next((s for s in stages if s.stage == "render-travel"), None)
@@ -293,11 +292,11 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
         summary["lmdeploy_over_hf"] = round(llm.audio_per_s / hf.audio_per_s, 1)
     if llm and render:
         summary["render_share_of_llm_only"] = round(render.audio_per_s / llm.audio_per_s, 3)
+        # The render's time beyond what the LLM alone needs for the same audio.
         summary["share_of_wall_outside_llm"] = round(
             max(0.0, 1 - llm.wall_s / render.wall_s * render.audio_s / llm.audio_s), 3
         )
     report["summary"] = summary
-    del by
 
 
 def _print_table(report: dict) -> None:

@@ -84,7 +84,6 @@ class ChunkState:
     codes: maya1.Codes | None = None
     status: str = "pending"  # pending | ok | failed
     reason: str = ""
-    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -305,7 +304,7 @@ class Renderer:
             hit = self.cache.get(state.key)
             if hit is not None:
                 state.codes, state.seed, state.attempts = hit.codes, hit.seed, hit.attempts
-                state.status, state.cached = "ok", True
+                state.status = "ok"
                 self.progress.chunk_done(index, hit.codes.seconds, cached=True)
                 tracker.resolve(index)
         pending = [i for i, s in enumerate(states) if s.status == "pending"]
@@ -321,7 +320,9 @@ class Renderer:
                 worker.stop()
                 raise
             generate_s = time.perf_counter() - started
-            assembler.finish()
+            assembled = assembler.finish()
+        for warning in assembled.warnings:  # cover left out, clipped samples...
+            self.progress.note(warning)
         failed = sum(1 for s in states if s.status == "failed")
         self.progress.finish(output=str(spec.path) if spec.path else "-")
         if spec.manifest is None and failed:
