@@ -272,6 +272,11 @@ def render(
     from .voices import resolve_voice
 
     def work() -> int:
+        if not debug:
+            # The hub client logs every retry of an offline download; our own error says what to do.
+            from huggingface_hub.utils import logging as hub_logging
+
+            hub_logging.set_verbosity_error()
         voice_text = resolve_voice(voice)
         if max_batch is not None and max_batch < 1:
             raise InputError(f"--max-batch {max_batch} must be at least 1.", "Pass a positive number.")
