@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 import subprocess
@@ -137,4 +136,3 @@ def test_lmdeploy_out_of_memory_at_start_names_the_options(monkeypatch, tmp_path
     with pytest.raises(RuntimeFailure) as error:
         LMDeployEngine("some/model")
     assert "--gpu-memory" in error.value.fix and "--max-batch" in error.value.fix
-    assert importlib.util.find_spec("fastmaya_cli") is not None
