@@ -111,3 +111,16 @@ def test_create_engine_builds_hf_from_options(tiny_model):
 
     engine = create_engine(EngineOptions(kind="hf", model=str(tiny_model), device="cpu", max_batch=2), print)
     assert engine.name == "hf" and engine.max_batch == 2 and engine.device == "cpu"
+
+
+def test_lmdeploy_config_overrides_come_from_json_and_bad_json_is_an_input_error(monkeypatch):
+    from fastmaya_cli.engines.factory import lmdeploy_overrides
+
+    monkeypatch.setenv("FASTMAYA_LMDEPLOY_CONFIG", '{"prefill_interval": 8}')
+    assert lmdeploy_overrides() == {"prefill_interval": 8}
+    for bad in ("{prefill_interval: 8}", "[8]"):
+        monkeypatch.setenv("FASTMAYA_LMDEPLOY_CONFIG", bad)
+        with pytest.raises(InputError, match="FASTMAYA_LMDEPLOY_CONFIG"):
+            lmdeploy_overrides()
+    monkeypatch.delenv("FASTMAYA_LMDEPLOY_CONFIG")
+    assert lmdeploy_overrides() == {}

@@ -515,3 +515,22 @@ def test_large_book_streams_with_bounded_memory(tmp_path: Path) -> None:
     # Chunks come lazily: the first few hundred need neither the whole book split nor much memory.
     assert (stats["count"], stats["first"]) == (300, "Chapter one")
     assert stats["chunks"] < 8_000_000 and stats["chunk_s"] < 10, stats
+
+
+def test_parallel_sentence_splitting_gives_the_same_chunks_as_splitting_as_you_go() -> None:
+    from fastmaya_cli.text import PARALLEL_SENTENCE_CHARS, sentence_splitter
+
+    sentences = [
+        "Mr. Bennet was among the earliest of those who waited on Mr. Bingley.",
+        "He had always intended to visit him, though to the last always assuring his wife that he should not go.",
+        "\u201cI hope Mr. Bingley will like it, Lizzy.\u201d",
+        "It was 3 p.m. on the 4th of May, and the U.K. post had come at last!",
+        "She asked: would he come?",
+    ]
+    paragraphs = [" ".join(sentences[(i + j) % 5] for j in range(1 + i % 6)) for i in range(1200)]
+    book = parse_text("\n\n".join(paragraphs), source="long.txt", fmt="txt")
+    assert sum(len(p) for c in book.chapters for p in c.paragraphs) >= PARALLEL_SENTENCE_CHARS
+    split = sentence_splitter(book, workers=2)
+    assert split is not None
+    assert list(iter_chunks(book, sentences=split)) == list(iter_chunks(book))
+    assert sentence_splitter(book, workers=1) is None

@@ -186,7 +186,7 @@ def render(
     ] = 0.85,
     max_batch: Annotated[
         int | None,
-        typer.Option(help="Most chunks generated at once (LMDeploy default 256, hf 64 on GPU, 8 on CPU)."),
+        typer.Option(help="Most chunks generated at once (LMDeploy: its size for the GPU, 1024 on an H100; hf 64 on GPU, 8 on CPU)."),
     ] = None,
     kv_cache: Annotated[
         KVCache, typer.Option(help="LMDeploy KV cache precision; int8 fits twice the batch.")
@@ -456,7 +456,9 @@ def bench(
     hf_chunks: Annotated[
         int, typer.Option(help="Chunks of the travel text for the hf anchor (it is slow).")
     ] = 64,
-    max_batch: Annotated[int, typer.Option(help="LMDeploy max batch.")] = 256,
+    max_batch: Annotated[
+        int | None, typer.Option(help="LMDeploy max batch (default: LMDeploy's size for the GPU).")
+    ] = None,
     gpu_memory: Annotated[float, typer.Option(help="LMDeploy KV cache share.")] = 0.85,
     kv_cache: Annotated[KVCache, typer.Option(help="LMDeploy KV cache precision.")] = KVCache.bf16,
     gpus: Annotated[str | None, typer.Option(help="'all' or '0,1': data-parallel over several GPUs.")] = None,

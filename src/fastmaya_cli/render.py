@@ -9,8 +9,11 @@ same file as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +31,7 @@ from .engines.factory import parse_gpus
 from .engines.feed import RequestFeed
 from .errors import RuntimeFailure
 from .progress import Progress
-from .text import Book, Chunk, expected_seconds, iter_chunks, read_book, spoken_text
+from .text import Book, Chunk, expected_seconds, iter_chunks, read_book, sentence_splitter, spoken_text
 
 DEFAULT_MODEL = "maya-research/maya1"
 FAILED_SILENCE_S = 0.5
@@ -95,8 +98,11 @@ class RenderResult:
     audio_s: float
     wall_s: float
     skipped: bool = False
-    generate_s: float = 0.0
+    generate_s: float = 0.0  # first request to last result from the engine
     startup_s: float = 0.0
+    plan_s: float = 0.0  # reading, cleaning and chunking the text
+    decode_tail_s: float = 0.0  # decoding and assembling what was left once the engine finished
+    finish_s: float = 0.0  # loudness gain and the final encode, after the last chunk
 
 
 def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> float:
@@ -224,8 +230,9 @@ class Renderer:
             self.progress.note(warning)
         pack = pack_seconds(expected_seconds(spoken_text(book), opts.words_per_second), self.parallel_width(),
                             opts.max_chunk_seconds)
+        split = sentence_splitter(book, workers=min(8, os.cpu_count() or 1))
         chunks = list(iter_chunks(book, max_seconds=opts.max_chunk_seconds, words_per_second=opts.words_per_second,
-                                  pack_seconds=pack))
+                                  pack_seconds=pack, sentences=split))
         chunks = select_preview(chunks, opts.preview)[: opts.max_chunks]
         if not chunks:
             raise RuntimeFailure(f"Nothing to speak in {source}.", "Check that the file holds text.")
@@ -233,7 +240,9 @@ class Renderer:
 
     def render(self, source: str | Path, spec: OutputSpec) -> RenderResult:
         opts = self.options
+        started = time.perf_counter()
         book, chunks = self.plan(source)
+        plan_s = time.perf_counter() - started
         states = [ChunkState(chunk=c, key=self.chunk_key(c)) for c in chunks]
         spec = self._complete_spec(spec, book)
         stamp = self._stamp(states, spec)
@@ -244,7 +253,7 @@ class Renderer:
         _ = self.decoder  # before the engine, which takes most of the free GPU memory
         lock = output_lock(spec.path) if spec.path is not None else _no_lock()
         with lock:
-            result = self._render_states(book, states, spec)
+            result = dataclasses.replace(self._render_states(book, states, spec), plan_s=plan_s)
         if spec.path is not None and result.failed == 0:
             write_stamp(self.stamp_path(spec), stamp, spec)
         return result
@@ -315,12 +324,14 @@ class Renderer:
             try:
                 if pending:
                     self._generate(states, pending, tracker)
+                generated = time.perf_counter()
                 worker.join_checked()
             except BaseException:
                 worker.stop()
                 raise
-            generate_s = time.perf_counter() - started
+            decoded = time.perf_counter()
             assembled = assembler.finish()
+            finished = time.perf_counter()
         for warning in assembled.warnings:  # cover left out, clipped samples...
             self.progress.note(warning)
         failed = sum(1 for s in states if s.status == "failed")
@@ -335,8 +346,10 @@ class Renderer:
             tally.cached,
             tally.audio_s,
             tally.wall_s,
-            generate_s=generate_s,
+            generate_s=generated - started,
             startup_s=sum(self.startup.values()),
+            decode_tail_s=decoded - generated,
+            finish_s=finished - decoded,
         )
 
     def _request(self, index: int, state: ChunkState) -> Request:
@@ -444,13 +457,36 @@ class DecodeWorker(threading.Thread):
         self.book_seed = renderer.options.seed
 
     def run(self) -> None:
+        # Decoding (GPU) of the next group overlaps with assembling and encoding (CPU) of this one.
+        decoded: queue.Queue = queue.Queue(maxsize=2)
+        assembling = threading.Thread(target=self._assemble_all, args=(decoded,), name="fastmaya-assemble",
+                                      daemon=True)
+        assembling.start()
         try:
             for group in range(self.tracker.groups):
-                if not self.tracker.wait_for(group):
-                    return
-                self._assemble(self.tracker.members(group), self._decode(group))
+                if not self.tracker.wait_for(group) or self.error is not None:
+                    break
+                audio = self._decode(group)
+                while assembling.is_alive():
+                    with contextlib.suppress(queue.Full):
+                        decoded.put((group, audio), timeout=0.5)
+                        break
         except BaseException as exc:  # handed to the main thread by join_checked
             self.error = exc
+        finally:
+            while assembling.is_alive():
+                with contextlib.suppress(queue.Full):
+                    decoded.put(None, timeout=0.5)
+                    break
+            assembling.join()
+
+    def _assemble_all(self, decoded: queue.Queue) -> None:
+        try:
+            while (item := decoded.get()) is not None:
+                group, audio = item
+                self._assemble(self.tracker.members(group), audio)
+        except BaseException as exc:
+            self.error = self.error or exc
 
     def _decode(self, group: int) -> dict[int, np.ndarray]:
         members = [i for i in self.tracker.members(group) if self.states[i].status == "ok"]

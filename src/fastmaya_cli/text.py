@@ -10,11 +10,14 @@ import codecs
 import contextlib
 import functools
 import itertools
+import multiprocessing
 import re
 import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, NamedTuple, TypeVar
@@ -34,6 +37,10 @@ Boundary = Literal["clause", "sentence", "paragraph", "heading", "chapter", "end
 
 CHARS_PER_SECOND = 15.0  # bounds chunks of text without spaces (CJK, long runs), where words say nothing
 SENTENCE_WINDOW = 2000  # pysbd slows down quadratically; it never sees more characters than this at once
+# pysbd is pure Python (about 3 s a novel on a fast core, and slower beside a busy GPU engine thread): books
+# at least this long are split into sentences by a pool of processes.
+PARALLEL_SENTENCE_CHARS = 200_000
+SENTENCE_TASK_WINDOWS = 64
 GUTENBERG_HEADER_LINES = 1000  # the START marker is looked for this far into the file
 MAX_HEADING_CHARS = 100
 FORMATS = {"txt": "txt", "text": "txt", "md": "md", "markdown": "md", "epub": "epub"}
@@ -111,13 +118,19 @@ def spoken_text(book: Book) -> str:
 
 
 def iter_chunks(
-    book: Book, *, max_seconds: float = 18.0, words_per_second: float = 2.5, pack_seconds: float | None = None
+    book: Book,
+    *,
+    max_seconds: float = 18.0,
+    words_per_second: float = 2.5,
+    pack_seconds: float | None = None,
+    sentences: Callable[[str], Iterable[str]] | None = None,
 ) -> Iterator[Chunk]:
     """Pack whole sentences of one paragraph into chunks of at most `max_seconds` expected speech.
 
     Sentences are joined only while the chunk stays within `pack_seconds` (default `max_seconds`);
     only a sentence longer than `max_seconds` is split. A short book packed less tightly gives the
-    engine more chunks to run side by side.
+    engine more chunks to run side by side. `sentences` splits a paragraph (default: pysbd, here and
+    now; `sentence_splitter` precomputes it in parallel).
     """
     _check_budget(max_seconds, words_per_second)
     pack_limit = max_seconds if pack_seconds is None else min(pack_seconds, max_seconds)
@@ -128,7 +141,8 @@ def iter_chunks(
     def packs(text: str) -> bool:
         return expected_seconds(text, words_per_second) <= pack_limit
 
-    for index, (piece, following) in enumerate(_with_next(_pieces(book, fits, packs))):
+    split = sentences or _sentences
+    for index, (piece, following) in enumerate(_with_next(_pieces(book, fits, packs, split))):
         yield Chunk(
             index=index,
             text=piece.text,
@@ -799,7 +813,9 @@ def _spoken_parts(book: Book) -> Iterator[str]:
         yield from chapter.paragraphs
 
 
-def _pieces(book: Book, fits: Callable[[str], bool], packs: Callable[[str], bool]) -> Iterator[_Piece]:
+def _pieces(
+    book: Book, fits: Callable[[str], bool], packs: Callable[[str], bool], split: Callable[[str], Iterable[str]]
+) -> Iterator[_Piece]:
     sentence_ids = itertools.count()
     paragraph_index = 0
     for chapter in book.chapters:
@@ -807,17 +823,21 @@ def _pieces(book: Book, fits: Callable[[str], bool], packs: Callable[[str], bool
             for text, last in _with_last(_split_long(heading, fits)):
                 yield _Piece(text, chapter.index, -1, (), last, True)
         for paragraph in chapter.paragraphs:
-            for text, sentences, whole in _paragraph_pieces(paragraph, fits, packs, sentence_ids):
+            for text, sentences, whole in _paragraph_pieces(paragraph, fits, packs, sentence_ids, split):
                 yield _Piece(text, chapter.index, paragraph_index, sentences, whole, False)
             paragraph_index += 1
 
 
 def _paragraph_pieces(
-    paragraph: str, fits: Callable[[str], bool], packs: Callable[[str], bool], sentence_ids: Iterator[int]
+    paragraph: str,
+    fits: Callable[[str], bool],
+    packs: Callable[[str], bool],
+    sentence_ids: Iterator[int],
+    split: Callable[[str], Iterable[str]],
 ) -> Iterator[tuple[str, tuple[int, ...], bool]]:
     """(text, sentence ids, ends at a sentence end): greedy packing of whole sentences."""
     current, ids = "", []
-    for sentence in _sentences(paragraph):
+    for sentence in split(paragraph):
         sentence_id = next(sentence_ids)
         candidate = f"{current} {sentence}" if current else sentence
         if fits(candidate) and (not current or packs(candidate)):
@@ -881,6 +901,32 @@ def _units(text: str, level: int) -> Iterator[str]:
 def _sentences(paragraph: str) -> Iterator[str]:
     for window in _windows(paragraph):
         yield from _segment(window)
+
+
+def sentence_splitter(book: Book, workers: int) -> Callable[[str], Iterable[str]] | None:
+    """For a long book, every paragraph's sentences computed up front by `workers` processes; the
+    returned function gives exactly what `_sentences` would. None (split as you go) for a short book."""
+    if workers < 2 or sum(len(p) for c in book.chapters for p in c.paragraphs) < PARALLEL_SENTENCE_CHARS:
+        return None
+    windows = list(dict.fromkeys(w for c in book.chapters for p in c.paragraphs for w in _windows(p)))
+    tasks = [windows[i : i + SENTENCE_TASK_WINDOWS] for i in range(0, len(windows), SENTENCE_TASK_WINDOWS)]
+    # spawn: the parent may already hold CUDA and engine threads, which a fork would copy half-alive.
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = [sentences for batch in pool.map(_segment_windows, tasks) for sentences in batch]
+    except (OSError, BrokenProcessPool):  # no processes here (a sandbox, a __main__ read from stdin)
+        return None
+    table = dict(zip(windows, done, strict=True))
+
+    def split(paragraph: str) -> Iterator[str]:
+        for window in _windows(paragraph):
+            yield from table[window] if window in table else _segment(window)
+
+    return split
+
+
+def _segment_windows(windows: list[str]) -> list[list[str]]:
+    return [list(_segment(window)) for window in windows]
 
 
 def _windows(paragraph: str) -> Iterator[str]:
@@ -961,5 +1007,5 @@ def _with_last(items: Iterable[_T]) -> Iterator[tuple[_T, bool]]:
 
 __all__ = [
     "Book", "BookMeta", "Boundary", "Chapter", "Chunk", "expected_seconds", "iter_chunks", "parse_text",
-    "read_book", "spoken_text",
+    "read_book", "sentence_splitter", "spoken_text",
 ]  # fmt: skip

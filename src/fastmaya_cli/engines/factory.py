@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -63,13 +64,31 @@ def engine_kwargs(options: EngineOptions, kind: str) -> dict:
             backend=options.backend,
             sampling=options.sampling,
             gpu_memory=options.gpu_memory,
-            max_batch=options.max_batch or 256,
+            max_batch=options.max_batch,
             kv_cache=options.kv_cache,
             tp=options.tp,
+            engine_config=lmdeploy_overrides(),
         )
     if kind == "scripted":
         return dict(faults=options.scripted_faults)
     raise InputError(f"Unknown engine '{kind}'.", "Use --engine auto, lmdeploy or hf.")
+
+
+def lmdeploy_overrides() -> dict:
+    """Extra LMDeploy engine-config fields from FASTMAYA_LMDEPLOY_CONFIG (a JSON object), for tuning."""
+    text = os.environ.get("FASTMAYA_LMDEPLOY_CONFIG", "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"FASTMAYA_LMDEPLOY_CONFIG is not valid JSON ({exc.msg} at character {exc.pos}).",
+            'Set it to a JSON object, e.g. \'{"prefill_interval": 8}\', or unset it.',
+        ) from None
+    if not isinstance(value, dict):
+        raise InputError("FASTMAYA_LMDEPLOY_CONFIG must be a JSON object.", "Write it as {\"field\": value}.")
+    return value
 
 
 FACTORIES = {

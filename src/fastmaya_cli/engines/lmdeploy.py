@@ -1,26 +1,36 @@
 """The GPU engine: LMDeploy with continuous batching over the whole book.
 
-Requests are handed to LMDeploy one by one as exact token ids (so the prompt is exactly Maya1's,
-with no second BOS) and kept `max_inflight` deep, so the scheduler always has the next chunks
-queued and never waits for the slowest member of a fixed batch. Results come back as each chunk
-finishes. `lmdeploy` is imported only here, and only when this engine is built.
+Requests go to LMDeploy as exact token ids (so the prompt is exactly Maya1's, with no second BOS)
+and are kept `max_inflight` deep, so the scheduler always has the next chunks queued and never
+waits for the slowest member of a fixed batch. Results come back as each chunk finishes.
+`lmdeploy` is imported only here, and only when this engine is built.
+
+LMDeploy's PyTorch engine schedules every decode step in Python on one thread, so on a fast GPU
+that thread is the bottleneck: whatever else runs on it (text detokenisation, one wake-up per
+submitted request) costs throughput directly. Hence requests are submitted in bulk and the text
+detokenisation that Maya1's audio codes never need is switched off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from ..errors import RuntimeFailure
 from . import Generation, Request, Sampling
+from .feed import RequestFeed
 
 KV_CACHE_POLICIES = {"bf16": 0, "fp16": 0, "int8": 8, "int4": 4}
 # Prompt (description + chunk text, ~100-300 ids) plus at most 2048 new ids.
 SESSION_LEN = 4096
 _FEED_DONE = object()
+# Requests handed to LMDeploy's event loop in one call: enough to fill a prefill step at once,
+# few enough that the first ones start while later prompts are still being built.
+SUBMIT_BATCH = 256
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -38,13 +48,14 @@ class LMDeployEngine:
         backend: str = "pytorch",
         sampling: Sampling = Sampling(),
         gpu_memory: float = 0.85,
-        max_batch: int = 256,
+        max_batch: int | None = None,
         kv_cache: str = "bf16",
         tp: int = 1,
         gpus: Sequence[int] = (),
         device: str = "cuda:0",
         max_inflight: int | None = None,
         log_level: str = "ERROR",
+        engine_config: dict | None = None,
     ) -> None:
         from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig, pipeline
 
@@ -52,14 +63,16 @@ class LMDeployEngine:
         self.device = "cuda:0"
         del device, gpus
         self.sampling = sampling
-        self.max_inflight = max_inflight or 2 * max_batch
+        self.max_batch = max_batch or device_max_batch()
+        self.max_inflight = max_inflight or 2 * self.max_batch
         common = dict(
             tp=tp,
-            max_batch_size=max_batch,
+            max_batch_size=self.max_batch,
             cache_max_entry_count=gpu_memory,
             quant_policy=KV_CACHE_POLICIES[kv_cache],
             session_len=SESSION_LEN,
         )
+        common.update(engine_config or {})
         config = TurbomindEngineConfig(**common) if backend == "turbomind" else PytorchEngineConfig(**common)
         started = time.perf_counter()
         try:
@@ -69,7 +82,8 @@ class LMDeployEngine:
                 raise RuntimeFailure(
                     f"The model '{model}' or its KV cache does not fit on the GPU ({str(exc).splitlines()[0]}).",
                     "Lower --gpu-memory (the share of free GPU memory for the KV cache, now "
-                    f"{gpu_memory}) or --max-batch (now {max_batch}), use --kv-cache int8, or spread it with --tp 2.",
+                    f"{gpu_memory}) or --max-batch (now {self.max_batch}), use --kv-cache int8, or spread it "
+                    "with --tp 2.",
                 ) from exc
             raise RuntimeFailure(
                 f"LMDeploy could not start on '{model}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
@@ -79,6 +93,7 @@ class LMDeployEngine:
         self.load_seconds = time.perf_counter() - started
         self.engine = self.pipe.async_engine
         self.loop = self.pipe.internal_thread.loop
+        _skip_text_detokenisation(self.engine)
 
     def _gen_config(self, request: Request):  # noqa: ANN202 - lmdeploy.GenerationConfig
         from lmdeploy import GenerationConfig
@@ -99,6 +114,9 @@ class LMDeployEngine:
             ignore_eos=request.min_new_tokens >= request.max_new_tokens,
             skip_special_tokens=True,
         )
+
+    async def _run_batch(self, batch: list[Request], results: queue.Queue) -> None:
+        await asyncio.gather(*(self._run_one(request, results) for request in batch))
 
     async def _run_one(self, request: Request, results: queue.Queue) -> None:
         engine = self.engine
@@ -130,22 +148,27 @@ class LMDeployEngine:
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Generation]:
         results: queue.Queue = queue.Queue()
-        slots = threading.BoundedSemaphore(self.max_inflight)
-        submitted = 0
+        room = threading.Condition()
+        inflight = submitted = 0
         stop = threading.Event()
+        pull = _puller(requests)
 
         def feed() -> None:
-            # Runs in its own thread: pulling a request may wait for the renderer's retries.
-            nonlocal submitted
+            # Its own thread: pulling a request may wait for the renderer's retries.
+            nonlocal inflight, submitted
             try:
-                for request in requests:
-                    while not slots.acquire(timeout=0.5):
-                        if stop.is_set():
-                            return
-                    if stop.is_set():
+                while not stop.is_set():
+                    with room:
+                        while inflight >= self.max_inflight and not stop.is_set():
+                            room.wait(0.5)
+                        free = self.max_inflight - inflight
+                    batch = pull(min(free, SUBMIT_BATCH))
+                    if not batch or stop.is_set():
                         return
-                    submitted += 1
-                    asyncio.run_coroutine_threadsafe(self._run_one(request, results), self.loop)
+                    with room:
+                        inflight += len(batch)
+                        submitted += len(batch)
+                    asyncio.run_coroutine_threadsafe(self._run_batch(batch, results), self.loop)
             except BaseException as exc:
                 results.put(exc)
             finally:
@@ -163,7 +186,9 @@ class LMDeployEngine:
                 if isinstance(item, BaseException):
                     raise item
                 received += 1
-                slots.release()
+                with room:
+                    inflight -= 1
+                    room.notify()
                 yield item
         finally:
             stop.set()
@@ -172,3 +197,42 @@ class LMDeployEngine:
         pipe, self.pipe = getattr(self, "pipe", None), None
         if pipe is not None:
             pipe.close()
+
+
+def device_max_batch() -> int:
+    """LMDeploy's own batch size for this GPU (1024 on an H100): the larger the batch, the more of
+    its per-step Python cost each step's tokens share."""
+    try:
+        from lmdeploy.utils import get_max_batch_size
+
+        return int(get_max_batch_size("cuda"))
+    except Exception:  # an LMDeploy without the helper, or an unknown device
+        return 256
+
+
+def _puller(requests: Iterable[Request]) -> Callable[[int], list[Request]]:
+    """pull(n): the next request (waiting for it if need be) plus up to n - 1 more that are ready now."""
+    if isinstance(requests, RequestFeed):
+        feed = requests
+
+        def pull_feed(limit: int) -> list[Request]:
+            first = feed.next_request(wait=True)
+            return [] if first is None else [first, *feed.take_ready(limit - 1)]
+
+        return pull_feed
+    iterator = iter(requests)
+    return lambda limit: list(itertools.islice(iterator, limit))
+
+
+def _skip_text_detokenisation(async_engine) -> None:  # noqa: ANN001 - lmdeploy AsyncEngine
+    """Maya1 emits audio codes, never text: LMDeploy's per-request detokenisation is pure cost, on the
+    engine's own thread. Replaced by one that only moves the read offset past the new ids."""
+    tokenizer = getattr(async_engine, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "detokenize_incrementally"):
+        return
+    from lmdeploy.tokenizer import DetokenizeState
+
+    def offsets_only(all_input_ids, state, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return "", DetokenizeState(len(all_input_ids))
+
+    tokenizer.detokenize_incrementally = offsets_only
