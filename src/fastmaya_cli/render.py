@@ -466,18 +466,11 @@ class DecodeWorker(threading.Thread):
             for group in range(self.tracker.groups):
                 if not self.tracker.wait_for(group) or self.error is not None:
                     break
-                audio = self._decode(group)
-                while assembling.is_alive():
-                    with contextlib.suppress(queue.Full):
-                        decoded.put((group, audio), timeout=0.5)
-                        break
+                _hand_over(decoded, (group, self._decode(group)), assembling)
         except BaseException as exc:  # handed to the main thread by join_checked
             self.error = exc
         finally:
-            while assembling.is_alive():
-                with contextlib.suppress(queue.Full):
-                    decoded.put(None, timeout=0.5)
-                    break
+            _hand_over(decoded, None, assembling)
             assembling.join()
 
     def _assemble_all(self, decoded: queue.Queue) -> None:
@@ -532,6 +525,14 @@ class DecodeWorker(threading.Thread):
             self.join(timeout=0.5)
         if self.error is not None:
             raise self.error
+
+
+def _hand_over(items: queue.Queue, item: object, consumer: threading.Thread) -> None:
+    """Put `item` on a bounded queue, unless its consumer has died (then nobody would take it)."""
+    while consumer.is_alive():
+        with contextlib.suppress(queue.Full):
+            items.put(item, timeout=0.5)
+            return
 
 
 # Padded frames per SNAC call: about 3 minutes of audio, a few GB of activations at most.

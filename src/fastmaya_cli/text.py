@@ -40,7 +40,7 @@ SENTENCE_WINDOW = 2000  # pysbd slows down quadratically; it never sees more cha
 # pysbd is pure Python (about 3 s a novel on a fast core, and slower beside a busy GPU engine thread): books
 # at least this long are split into sentences by a pool of processes.
 PARALLEL_SENTENCE_CHARS = 200_000
-SENTENCE_TASK_WINDOWS = 64
+SENTENCE_TASK_PARAGRAPHS = 64
 GUTENBERG_HEADER_LINES = 1000  # the START marker is looked for this far into the file
 MAX_HEADING_CHARS = 100
 FORMATS = {"txt": "txt", "text": "txt", "md": "md", "markdown": "md", "epub": "epub"}
@@ -908,25 +908,20 @@ def sentence_splitter(book: Book, workers: int) -> Callable[[str], Iterable[str]
     returned function gives exactly what `_sentences` would. None (split as you go) for a short book."""
     if workers < 2 or sum(len(p) for c in book.chapters for p in c.paragraphs) < PARALLEL_SENTENCE_CHARS:
         return None
-    windows = list(dict.fromkeys(w for c in book.chapters for p in c.paragraphs for w in _windows(p)))
-    tasks = [windows[i : i + SENTENCE_TASK_WINDOWS] for i in range(0, len(windows), SENTENCE_TASK_WINDOWS)]
+    paragraphs = list(dict.fromkeys(p for c in book.chapters for p in c.paragraphs))
+    tasks = [paragraphs[i : i + SENTENCE_TASK_PARAGRAPHS] for i in range(0, len(paragraphs), SENTENCE_TASK_PARAGRAPHS)]
     # spawn: the parent may already hold CUDA and engine threads, which a fork would copy half-alive.
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = [sentences for batch in pool.map(_segment_windows, tasks) for sentences in batch]
+            done = [sentences for batch in pool.map(_sentences_of, tasks) for sentences in batch]
     except (OSError, BrokenProcessPool):  # no processes here (a sandbox, a __main__ read from stdin)
         return None
-    table = dict(zip(windows, done, strict=True))
-
-    def split(paragraph: str) -> Iterator[str]:
-        for window in _windows(paragraph):
-            yield from table[window] if window in table else _segment(window)
-
-    return split
+    table = dict(zip(paragraphs, done, strict=True))
+    return lambda paragraph: table[paragraph] if paragraph in table else _sentences(paragraph)
 
 
-def _segment_windows(windows: list[str]) -> list[list[str]]:
-    return [list(_segment(window)) for window in windows]
+def _sentences_of(paragraphs: list[str]) -> list[list[str]]:
+    return [list(_sentences(paragraph)) for paragraph in paragraphs]
 
 
 def _windows(paragraph: str) -> Iterator[str]:

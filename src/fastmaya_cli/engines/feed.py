@@ -26,6 +26,12 @@ class RequestFeed:
         while (request := self.next_request(wait=True)) is not None:
             yield request
 
+    def next_batch(self, limit: int) -> list[Request]:
+        """The next request (waiting for it if need be) plus up to `limit` - 1 more that are ready now;
+        empty once the feed is done."""
+        first = self.next_request(wait=True)
+        return [] if first is None else [first, *self.take_ready(limit - 1)]
+
     def take_ready(self, limit: int) -> list[Request]:
         """Up to `limit` requests that are available now, without waiting for retries."""
         taken: list[Request] = []
@@ -75,8 +81,8 @@ def batches(requests: Iterable[Request], size: int) -> Iterator[list[Request]]:
     waits when the engine holds nothing, so a retry can never wait on its own batch.
     """
     if isinstance(requests, RequestFeed):
-        while (first := requests.next_request(wait=True)) is not None:
-            yield [first, *requests.take_ready(size - 1)]
+        while batch := requests.next_batch(size):
+            yield batch
         return
     batch: list[Request] = []
     for request in requests:

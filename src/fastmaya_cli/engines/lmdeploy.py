@@ -213,13 +213,7 @@ def device_max_batch() -> int:
 def _puller(requests: Iterable[Request]) -> Callable[[int], list[Request]]:
     """pull(n): the next request (waiting for it if need be) plus up to n - 1 more that are ready now."""
     if isinstance(requests, RequestFeed):
-        feed = requests
-
-        def pull_feed(limit: int) -> list[Request]:
-            first = feed.next_request(wait=True)
-            return [] if first is None else [first, *feed.take_ready(limit - 1)]
-
-        return pull_feed
+        return requests.next_batch
     iterator = iter(requests)
     return lambda limit: list(itertools.islice(iterator, limit))
 
