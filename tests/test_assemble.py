@@ -235,6 +235,46 @@ def test_memory_holds_only_the_overlap_tail(tmp_path: Path) -> None:
     assert visible(tmp_path) == ["long.wav"]
 
 
+def test_flac_without_loudness_is_encoded_as_it_streams(tmp_path: Path) -> None:
+    """No gain to wait for: the FLAC output grows while segments arrive, and equals the two-pass result."""
+    rng = np.random.default_rng(1)
+    segments = [seg(i, rng.uniform(-0.5, 0.5, int(n)), BOUNDARIES[i % 5]) for i, n in
+                enumerate(rng.integers(300, 3000, 40))]
+    flac = tmp_path / "direct" / "book.flac"
+    flac.parent.mkdir()
+    sizes = []
+    with Assembler(OutputSpec(flac, "flac", sample_rate=SR, loudness="off"), PAUSES) as assembler:
+        for segment in segments:
+            assembler.add(segment)
+            sizes.append(sum(p.stat().st_size for p in flac.parent.iterdir()))
+        hidden = list(flac.parent.iterdir())
+        assert len(hidden) == 1 and hidden[0].name.startswith(".") and hidden[0].suffix == ".flac"
+        assert sf.info(str(hidden[0])).subtype == "PCM_16"  # the output's own encoding, not the intermediate
+        result = assembler.finish()
+    assert sizes[-1] > sizes[len(sizes) // 2] > sizes[0]
+    assert visible(flac.parent) == ["book.flac"] and result.paths == (flac,)
+
+    wav = tmp_path / "two-pass.wav"
+    assemble(wav_spec(wav, bit_depth=16), segments)  # the intermediate file and a second pass
+    direct, _ = sf.read(str(flac), dtype="float64")
+    two_pass, _ = sf.read(str(wav), dtype="float64")
+    assert len(direct) == len(two_pass) == result.samples
+    assert np.max(np.abs(direct - two_pass)) <= 1 / 2**15  # one 16-bit step at most
+
+
+def test_flac_without_loudness_clips_over_full_scale_and_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "loud.flac"
+    _, result = assemble(OutputSpec(path, "flac", sample_rate=SR, loudness="off"), [seg(0, np.full(1000, 1.5))])
+    audio, _ = sf.read(str(path))
+    assert np.max(np.abs(audio)) <= 1.0 and np.max(audio) > 0.99
+    assert any("over full scale and were clipped" in w for w in result.warnings)  # type: ignore[attr-defined]
+
+    with pytest.raises(KeyError), Assembler(OutputSpec(path, "flac", sample_rate=SR, loudness="off")) as assembler:
+        assembler.add(seg(0, np.full(1000, 0.1)))
+        raise KeyError("rendering failed")
+    assert visible(tmp_path) == ["loud.flac"]  # the earlier book, untouched; no temporary file left
+
+
 def test_exception_in_the_with_block_leaves_nothing(tmp_path: Path) -> None:
     path = tmp_path / "book.wav"
     path.write_bytes(b"previous book")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastmaya_cli import maya1
-from fastmaya_cli.render import decode_and_upsample, pack_seconds, sub_batches
+from fastmaya_cli.render import decode_and_upsample, decode_group_size, pack_seconds, sub_batches
 
 
 def test_sub_batches_bound_padded_size_and_keep_order():
@@ -14,6 +14,13 @@ def test_sub_batches_bound_padded_size_and_keep_order():
         assert len(part) == 1 or max(frames[i] for i in part) * len(part) <= 1000
     assert sub_batches([]) == []
     assert len(sub_batches([10] * 10)) == 1
+
+
+def test_decode_groups_are_small_for_a_short_text_and_full_for_a_book():
+    assert decode_group_size(144, 16) == 5  # the travel text: about 32 groups, decoded while others generate
+    assert decode_group_size(2500, 16) == 16
+    assert decode_group_size(3, 16) == 1
+    assert decode_group_size(0, 16) == 1
 
 
 def test_pack_seconds_cuts_short_books_finer():

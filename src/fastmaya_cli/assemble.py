@@ -33,6 +33,11 @@ more: it reads that file back once per output, applies the one global gain, enco
 name beside the final one, and only when every file (audio, manifest, subtitles) is complete moves them
 into place with ``os.replace``. With ``split_chapters`` the chapter files are encoded in parallel.
 
+Direct: a single FLAC file with loudness off needs no gain, so there is nothing to wait for. The
+timeline is then encoded straight into the output's temporary file as it is emitted: no intermediate,
+no second pass, and ``finish`` only closes and publishes it. Samples over full scale are clipped there
+(and counted).
+
 Loudness: one gain for the whole book, from EBU R128 integrated loudness and true peak over the whole
 book (see ``loudness``); it reaches the target unless the true peak would exceed the limit, in which case
 the gain stops at the limit.
@@ -280,6 +285,10 @@ class Assembler:
         self._created_dir: Path | None = None
         self._intermediate_path: Path | None = None
         self._intermediate: sf.SoundFile | None = None
+        # Direct mode: the output's own encoder instead of the intermediate file (see the module doc).
+        self._direct = self._target is None and not spec.split_chapters and spec.format == "flac"
+        self._direct_output: _Output | None = None
+        self._direct_writer: SoundfileWriter | None = None
         self._meter: LoudnessMeter | None = None
         self._temps: list[Path] = []
         self._temps_lock = threading.Lock()
@@ -418,6 +427,11 @@ class Assembler:
         self._pending = self._pending[count:].copy()
 
     def _write_timeline(self, block: np.ndarray) -> None:
+        if self._direct_writer is not None:
+            self._clipped += int(np.count_nonzero(np.abs(block) > 1.0))
+            self._direct_writer.write(block)  # clips
+            self._flushed += len(block)
+            return
         if self._meter is not None:
             self._meter.feed(block)
         stored = block * _HEADROOM
@@ -454,6 +468,15 @@ class Assembler:
             work_dir = spec.path.parent
         self._work_dir = work_dir
         self._state = "open"
+        if self._direct:
+            temp = self._reserve(self._format.suffix)
+            tags = book_tags(spec.info)
+            self._direct_output = _Output(spec.path, temp, 0, 0, tags)
+            self._direct_writer = SoundfileWriter(
+                temp, self._format, self.sample_rate, spec.bit_depth, 0, tags, self._shown_name()
+            )
+            self._emit_zeros(self._head)
+            return
         try:
             self._intermediate_path = self._reserve(".flac")
             self._intermediate = sf.SoundFile(
@@ -499,6 +522,9 @@ class Assembler:
             with suppress(Exception):  # already failing; the file is removed next
                 self._intermediate.close()
             self._intermediate = None
+        if self._direct_writer is not None:
+            self._direct_writer.abort()
+            self._direct_writer = None
         for path in self._temps:
             remove_quietly(path)
         self._temps.clear()
@@ -538,12 +564,13 @@ class Assembler:
         )
         if total != expected:  # the two descriptions of the timeline must agree to the sample
             raise RuntimeError(f"assembled {total} samples, expected {expected}")
-        assert self._intermediate is not None
-        try:
-            self._intermediate.close()
-        except (sf.LibsndfileError, OSError) as error:
-            raise write_failure(self._shown_name(), error) from error
-        self._intermediate = None
+        if self._direct_writer is None:
+            assert self._intermediate is not None
+            try:
+                self._intermediate.close()
+            except (sf.LibsndfileError, OSError) as error:
+                raise write_failure(self._shown_name(), error) from error
+            self._intermediate = None
 
         warnings: list[str] = []
         measured = self._meter.result() if self._meter is not None else None
@@ -553,13 +580,16 @@ class Assembler:
         factor = 10 ** (gain_db / 20) / _HEADROOM
 
         chapters = self._chapter_marks(total)
-        outputs = self._plan_outputs(chapters)
-        if spec.split_chapters:
-            chapters = [
-                replace(mark, path=output.final) for mark, output in zip(chapters, outputs, strict=True)
-            ]
         cover = self._cover_file(warnings)
-        self._render_all(outputs, factor, cover)
+        if self._direct_writer is not None:
+            outputs = [self._close_direct(total)]
+        else:
+            outputs = self._plan_outputs(chapters)
+            if spec.split_chapters:
+                chapters = [
+                    replace(mark, path=output.final) for mark, output in zip(chapters, outputs, strict=True)
+                ]
+            self._render_all(outputs, factor, cover)
 
         manifest_temp = subtitles_temp = None
         paths = tuple(output.final for output in outputs if output.final is not None)
@@ -589,7 +619,8 @@ class Assembler:
         self._temps.clear()
 
         if self._clipped:
-            warnings.append(f"{self._clipped} samples were more than 12 dB over full scale and were clipped.")
+            over = "over full scale" if self._direct else "more than 12 dB over full scale"
+            warnings.append(f"{self._clipped} samples were {over} and were clipped.")
         if self._nonfinite_chunks:
             chunks = ", ".join(str(index) for index in self._nonfinite_chunks[:10])
             warnings.append(f"chunks {chunks} had NaN/inf samples; those samples were silenced.")
@@ -604,6 +635,17 @@ class Assembler:
             chapters=tuple(chapters),
             warnings=tuple(warnings),
         )
+
+    def _close_direct(self, total: int) -> _Output:
+        assert self._direct_writer is not None and self._direct_output is not None
+        writer, self._direct_writer = self._direct_writer, None
+        writer.close()
+        output = replace(self._direct_output, end_sample=total)
+        try:
+            fsync_file(output.temp)  # durable before it replaces anything
+        except OSError as error:
+            raise write_failure(self._shown_name(), error) from error
+        return output
 
     def _reserve_beside(self, final: Path) -> Path:
         try:

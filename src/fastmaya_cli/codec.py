@@ -59,6 +59,10 @@ class SnacDecoder:
             if type(module).__name__ == "NoiseBlock":
                 module.noise_generator = self.generator
                 module.forward = types.MethodType(_seeded_noise, module)
+        if self.device.type == "cuda":
+            # cuDNN and cuBLAS set up on the first call; pay that at load, not in the first batch.
+            silence = np.zeros(4, dtype=np.int64)
+            self.decode([Codes(silence, np.zeros(8, dtype=np.int64), np.zeros(16, dtype=np.int64))])
 
     @torch.inference_mode()
     def decode(self, codes: Sequence[Codes], seed: int = 0) -> tuple[torch.Tensor, list[int]]:

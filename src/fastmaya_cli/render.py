@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from .engines.feed import RequestFeed
 from .errors import RuntimeFailure
 from .progress import Progress
 from .text import Book, Chunk, expected_seconds, iter_chunks, read_book, sentence_splitter, spoken_text
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "maya-research/maya1"
 FAILED_SILENCE_S = 0.5
@@ -66,7 +70,7 @@ class RenderOptions:
     max_new_tokens: int = 2048
     max_chunk_seconds: float = 18.0
     words_per_second: float = 2.5
-    decode_batch: int = 32
+    decode_batch: int = 16  # the most chunks per decode group (see decode_group_size)
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -113,6 +117,17 @@ def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> floa
     sentence a chunk.
     """
     return min(max_seconds, book_seconds / max(1, parallel))
+
+
+def decode_group_size(chunks: int, most: int, groups: int = 32) -> int:
+    """Chunks per decode group: up to `most`, but small enough for a short book to make about `groups`.
+
+    A group decodes once its slowest chunk is done. A short text's chunks all run side by side and
+    finish within seconds of each other, so small groups let most of the decoding happen while the
+    rest is still generating. A long book fills `most`-sized groups all along. It depends only on the
+    number of chunks, so a resumed run groups, and therefore decodes, exactly as the first did.
+    """
+    return max(1, min(most, -(-chunks // groups)))
 
 
 def select_preview(chunks: Sequence[Chunk], sentences: int | None) -> list[Chunk]:
@@ -179,6 +194,8 @@ class Renderer:
                     weights=self.options.upsampler_weights,
                     device=self.audio_device(),
                     warn=self.progress.note,
+                    # On CUDA this compiles the fused kernels at load, not in the first batch.
+                    compile=self.audio_device().startswith("cuda"),
                 ),
             )
         return self._upsampler
@@ -308,7 +325,7 @@ class Renderer:
         opts = self.options
         expected_audio = sum(s.chunk.seconds for s in states)
         self.progress.start(str(book.meta.source), len(states), expected_audio)
-        tracker = GroupTracker(len(states), opts.decode_batch)
+        tracker = GroupTracker(len(states), decode_group_size(len(states), opts.decode_batch))
         for index, state in enumerate(states):
             hit = self.cache.get(state.key)
             if hit is not None:
@@ -463,10 +480,11 @@ class DecodeWorker(threading.Thread):
                                       daemon=True)
         assembling.start()
         try:
-            for group in range(self.tracker.groups):
-                if not self.tracker.wait_for(group) or self.error is not None:
-                    break
-                _hand_over(decoded, (group, self._decode(group)), assembling)
+            with _own_stream(self.renderer.decoder.device):
+                for group in range(self.tracker.groups):
+                    if not self.tracker.wait_for(group) or self.error is not None:
+                        break
+                    _hand_over(decoded, (group, self._decode(group)), assembling)
         except BaseException as exc:  # handed to the main thread by join_checked
             self.error = exc
         finally:
@@ -525,6 +543,15 @@ class DecodeWorker(threading.Thread):
             self.join(timeout=0.5)
         if self.error is not None:
             raise self.error
+
+
+def _own_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """A CUDA stream of its own for decoding, so its kernels and copies queue behind nothing else."""
+    import torch
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device))
 
 
 def _hand_over(items: queue.Queue, item: object, consumer: threading.Thread) -> None:
