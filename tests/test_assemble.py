@@ -454,12 +454,13 @@ def test_lossy_formats(tmp_path: Path, fmt: str, codec: str, sample_rate: int, c
         assert [c["tags"]["title"] for c in probe["chapters"]] == ["Chapter 1", "Chapter 2"]
 
 
-def test_stdout_gets_a_complete_wav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fmt", ["wav", "flac"])  # flac: encoded as it streams, then copied out
+def test_stdout_gets_a_complete_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
     sink = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(buffer=sink, isatty=lambda: False))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     segments = [seg(0, np.full(1000, 0.25)), seg(1, np.full(500, 0.25), "end")]
-    _, result = assemble(OutputSpec(None, "wav", sample_rate=SR, loudness="off"), segments)
+    _, result = assemble(OutputSpec(None, fmt, sample_rate=SR, loudness="off"), segments)
     audio, rate = sf.read(io.BytesIO(sink.getvalue()), dtype="float64")
     assert rate == SR and len(audio) == expected_length([1000, 500], ["sentence", "end"], PAUSES, SR)
     assert result.paths == ()  # type: ignore[attr-defined]
