@@ -641,10 +641,7 @@ class Assembler:
         writer, self._direct_writer = self._direct_writer, None
         writer.close()
         output = replace(self._direct_output, end_sample=total)
-        try:
-            fsync_file(output.temp)  # durable before it replaces anything
-        except OSError as error:
-            raise write_failure(self._shown_name(), error) from error
+        _make_durable(output.temp, self._shown_name())
         return output
 
     def _reserve_beside(self, final: Path) -> Path:
@@ -764,10 +761,7 @@ class Assembler:
         except BaseException:
             writer.abort()
             raise
-        try:
-            fsync_file(output.temp)  # durable before it replaces anything
-        except OSError as error:
-            raise write_failure(shown, error) from error
+        _make_durable(output.temp, shown)
 
     # ----------------------------------------------------------------------------------- manifest, cues
 
@@ -845,3 +839,11 @@ class Assembler:
                 end = min(end, self._chunks[position + 1].start_sample)
             cues.append(Cue(record.start_sample / sr, end / sr, record.text))
         return cues
+
+
+def _make_durable(temp: Path, shown: Path | str) -> None:
+    """fsync a finished temporary file before it replaces anything; a failure names the output."""
+    try:
+        fsync_file(temp)
+    except OSError as error:
+        raise write_failure(shown, error) from error

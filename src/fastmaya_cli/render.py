@@ -188,15 +188,16 @@ class Renderer:
         if self._upsampler is None:
             from .upsample import load_upsampler
 
+            device = self.audio_device()
             self._upsampler = self._timed(
                 "upsampler",
                 lambda: load_upsampler(
                     self.options.upsampler,
                     weights=self.options.upsampler_weights,
-                    device=self.audio_device(),
+                    device=device,
                     warn=self.progress.note,
                     # On CUDA this compiles the fused kernels at load, not in the first batch.
-                    compile=self.audio_device().startswith("cuda"),
+                    compile=device.startswith("cuda"),
                 ),
             )
         return self._upsampler
