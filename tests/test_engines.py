@@ -106,6 +106,19 @@ def test_engine_selection():
             resolve_kind("lmdeploy")
 
 
+def test_lmdeploy_runs_in_a_worker_process_per_gpu_even_on_one():
+    from fastmaya_cli.engines.factory import worker_devices
+
+    # Its Python scheduler must not share an interpreter lock with decoding and assembling.
+    assert worker_devices("lmdeploy", [], tp=1) == ["cuda:0"]
+    assert worker_devices("lmdeploy", [2], tp=1) == ["cuda:2"]
+    assert worker_devices("lmdeploy", [0, 1], tp=1) == ["cuda:0", "cuda:1"]
+    assert worker_devices("hf", [0, 1], tp=1) == ["cuda:0", "cuda:1"]
+    # Tensor parallel spans its GPUs itself; the reference engine on one device stays in process.
+    assert worker_devices("lmdeploy", [0, 1], tp=2) is None
+    assert worker_devices("hf", [], tp=1) is None and worker_devices("hf", [1], tp=1) is None
+
+
 def test_create_engine_builds_hf_from_options(tiny_model):
     from fastmaya_cli.render import EngineOptions
 

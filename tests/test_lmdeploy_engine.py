@@ -127,3 +127,14 @@ def test_a_retry_from_the_feed_is_generated_and_the_stream_then_ends(engine):
             retry = Request(7, (128259, 128000, 5), seed=99, max_new_tokens=21, min_new_tokens=21)
         feed.resolved(retry)
     assert sorted(answered) == sorted([*((i, 14) for i in range(30)), (7, 21)])
+
+
+@pytest.mark.parametrize(("lmdeploy_size", "expected"), [(1024, 512), (256, 256)])
+def test_default_batch_is_lmdeploys_own_but_no_more_than_the_kv_cache_holds(monkeypatch, lmdeploy_size, expected):
+    utils = types.ModuleType("lmdeploy.utils")
+    utils.get_max_batch_size = lambda device: lmdeploy_size if device == "cuda" else 0
+    monkeypatch.setitem(sys.modules, "lmdeploy", types.ModuleType("lmdeploy"))
+    monkeypatch.setitem(sys.modules, "lmdeploy.utils", utils)
+    from fastmaya_cli.engines.lmdeploy import device_max_batch
+
+    assert device_max_batch() == expected

@@ -426,6 +426,21 @@ def test_a_worker_sees_only_its_own_gpu_and_multicast_off() -> None:
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == parent_visible
 
 
+def engine_that_does_not_fit(**_: object) -> None:
+    raise RuntimeFailure("The model does not fit on the GPU.", "Lower --gpu-memory.")
+
+
+def test_a_single_workers_own_error_reaches_the_user_with_its_fix() -> None:
+    # One GPU runs its engine in one worker: the user must see the engine's advice, not the pool's.
+    with pytest.raises(RuntimeFailure) as failure:
+        EnginePool(EngineSpec(f"{__name__}:engine_that_does_not_fit"), ["cpu"])
+    assert failure.value.problem == "The model does not fit on the GPU."
+    assert failure.value.fix == "Lower --gpu-memory."
+    # With several workers the failures are summed up per device, each with its own text.
+    with pytest.raises(RuntimeFailure, match=r"any device: cpu#0, cpu#1: RuntimeFailure: The model does not fit"):
+        EnginePool(EngineSpec(f"{__name__}:engine_that_does_not_fit"), ["cpu", "cpu"])
+
+
 def test_placement_counts_within_the_parents_visible_gpus() -> None:
     assert placement("cuda:1", "4,6")[0] == "cuda:0"
     assert placement("cuda:1", "4,6")[1]["CUDA_VISIBLE_DEVICES"] == "6"

@@ -186,7 +186,7 @@ def render(
     ] = 0.85,
     max_batch: Annotated[
         int | None,
-        typer.Option(help="Most chunks generated at once (LMDeploy: its size for the GPU, 1024 on an H100; hf 64 on GPU, 8 on CPU)."),
+        typer.Option(help="Most chunks generated at once (LMDeploy: its size for the GPU, at most 512; hf 64 on GPU, 8 on CPU)."),
     ] = None,
     kv_cache: Annotated[
         KVCache, typer.Option(help="LMDeploy KV cache precision; int8 fits twice the batch.")

@@ -210,7 +210,9 @@ class Renderer:
         from .engines.factory import resolve_kind
 
         if resolve_kind(engine.kind) == "lmdeploy":
-            return 256 * max(1, len(parse_gpus(engine.gpus)))
+            from .engines.lmdeploy import device_max_batch
+
+            return device_max_batch() * max(1, len(parse_gpus(engine.gpus)))
         return 64 if self.audio_device().startswith("cuda") else 8
 
     def audio_device(self) -> str:
@@ -228,7 +230,10 @@ class Renderer:
         engine = self.options.engine
         if resolve_kind(engine.kind) == "hf" and engine.device not in ("auto", "cuda"):
             return engine.device
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        gpus = parse_gpus(engine.gpus)
+        return f"cuda:{gpus[0]}" if gpus else "cuda:0"
 
     def _timed(self, name: str, load: Callable[[], object]):  # noqa: ANN202
         started = time.perf_counter()

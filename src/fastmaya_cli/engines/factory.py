@@ -98,15 +98,33 @@ FACTORIES = {
 }
 
 
+def worker_devices(kind: str, gpus: list[int], tp: int) -> list[str] | None:
+    """The devices to run the engine on in worker processes, one engine each; None: in this process.
+
+    LMDeploy's scheduler is Python on one thread, and it needs the whole of its interpreter lock to
+    keep the GPU fed. In the renderer's process that lock is also taken, in short turns, by the
+    decoding and assembling threads, which then wait behind every scheduler step and fall ever
+    further behind. So LMDeploy runs in a worker process of its own, one per GPU (data parallel),
+    even on one GPU. A tensor-parallel engine spans its GPUs itself and stays in this process.
+    """
+    if len(gpus) > 1 and tp == 1:
+        return [f"cuda:{g}" for g in gpus]
+    if kind == "lmdeploy" and tp == 1:
+        return [f"cuda:{gpus[0] if gpus else 0}"]
+    return None
+
+
 def create_engine(options: EngineOptions, note: Callable[[str], None]) -> Engine:
     kind = resolve_kind(options.kind)
     kwargs = engine_kwargs(options, kind)
     gpus = parse_gpus(options.gpus)
-    if len(gpus) > 1 and options.tp == 1:
+    devices = worker_devices(kind, gpus, options.tp)
+    if devices is not None:
         from .pool import EnginePool, EngineSpec
 
-        note(f"data-parallel: one {kind} engine on each of GPUs {', '.join(map(str, gpus))}")
-        return EnginePool(EngineSpec(FACTORIES[kind], kwargs), [f"cuda:{g}" for g in gpus], on_event=note)
+        if len(devices) > 1:
+            note(f"data-parallel: one {kind} engine on each of GPUs {', '.join(map(str, gpus))}")
+        return EnginePool(EngineSpec(FACTORIES[kind], kwargs), devices, on_event=note)
     if kind == "hf":
         from .hf import HFEngine
 

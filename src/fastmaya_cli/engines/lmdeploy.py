@@ -199,13 +199,21 @@ class LMDeployEngine:
             pipe.close()
 
 
+# The most chunks LMDeploy runs at once by default. An 80 GB GPU's KV cache (85% of the memory left
+# after the weights, bf16) holds about 530k tokens: some 500 chunks of up to 18 s of speech. A larger
+# batch admits more than fit, and LMDeploy then evicts running chunks and computes them again. Measured
+# on the novel (BENCHMARKS.md, runs D and E, one H100): 512 ran at 169 audio s/s, 1,024 at 151.
+KV_FITTING_BATCH = 512
+
+
 def device_max_batch() -> int:
-    """LMDeploy's own batch size for this GPU (1024 on an H100): the larger the batch, the more of
-    its per-step Python cost each step's tokens share."""
+    """LMDeploy's own batch size for this GPU (1,024 on an H100), at most `KV_FITTING_BATCH`: the
+    larger the batch, the more of its per-step Python cost each step's tokens share, up to what the
+    KV cache holds."""
     try:
         from lmdeploy.utils import get_max_batch_size
 
-        return int(get_max_batch_size("cuda"))
+        return min(KV_FITTING_BATCH, int(get_max_batch_size("cuda")))
     except Exception:  # an LMDeploy without the helper, or an unknown device
         return 256
 

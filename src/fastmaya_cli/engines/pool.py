@@ -1,4 +1,8 @@
-"""Data-parallel rendering: one engine per device, each in its own process, fed from one shared queue.
+"""One engine per device, each in its own process, fed from one shared queue.
+
+Several GPUs render data-parallel. On one GPU the single worker still matters: LMDeploy's scheduler, Python
+on one thread, then has an interpreter lock of its own instead of sharing the renderer's with decoding and
+assembling (see `factory.worker_devices`).
 
 Each worker calls its engine's `generate` once per run, on a feed that stays open for the whole run,
 and the parent keeps that feed topped up: whenever the chunks a worker holds fall a little below its
@@ -43,7 +47,7 @@ from multiprocessing.connection import wait as wait_for_ready
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from ..errors import RuntimeFailure
+from ..errors import FastmayaError, InputError, RuntimeFailure
 from . import Generation, Request
 from .feed import RequestFeed
 
@@ -263,8 +267,10 @@ def _worker_main(
         if not callable(getattr(engine, "generate", None)):
             raise TypeError(f"{spec.factory} returned {type(engine).__name__}, which has no generate()")
     except BaseException as exc:  # report anything, including SystemExit from a library
+        # An error meant for the user (a model that does not fit, say) keeps its own fix.
+        advice = (exc.problem, exc.fix, exc.exit_code) if isinstance(exc, FastmayaError) else None
         with contextlib.suppress(OSError):
-            conn.send(("build_error", f"{type(exc).__name__}: {exc}"))
+            conn.send(("build_error", f"{type(exc).__name__}: {exc}", advice))
         return
     try:
         conn.send(("ready", getattr(engine, "name", type(engine).__name__), engine_depth(engine)))
@@ -540,6 +546,7 @@ class EnginePool:
         deadline = time.monotonic() + timeout_s
         waiting = {w.conn: w for w in self._workers}
         failures: dict[str, str] = {}
+        advice: dict[str, tuple[str, str, int]] = {}
         while waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -559,6 +566,8 @@ class EnginePool:
                 del waiting[conn]
                 if message[0] != "ready":
                     failures[worker.name] = str(message[1])
+                    if len(message) > 2 and message[2] is not None:
+                        advice[worker.name] = message[2]
                 else:
                     worker.depth = self._inflight or message[2] or DEFAULT_DEPTH
         for worker in waiting.values():
@@ -569,6 +578,10 @@ class EnginePool:
             worker.alive = False
             worker.error = failures[worker.name]
         _stop_processes(failed, 0.0)
+        if len(self._workers) == 1 and failed and failed[0].name in advice:
+            problem, fix, exit_code = advice[failed[0].name]
+            kind = InputError if exit_code == InputError.exit_code else RuntimeFailure
+            raise kind(problem, fix, exit_code=exit_code)
         if len(failed) == len(self._workers):
             by_error: dict[str, list[str]] = {}
             for worker in failed:  # in device order, one line per distinct error
