@@ -1,10 +1,11 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from fastmaya_cli.codec import SnacDecoder
+from fastmaya_cli.codec import SnacDecoder, chunk_noise
 from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.maya1 import Codes
 
@@ -17,7 +18,7 @@ def _codes(frames, seed):
 def test_batched_decode_trims_each_chunk_to_its_frames(tiny_snac):
     decoder = SnacDecoder(tiny_snac, "cpu")
     batch = [_codes(3, 0), _codes(8, 1), _codes(5, 2)]
-    audio, lengths = decoder.decode(batch, seed=4)
+    audio, lengths = decoder.decode(batch, [4, 5, 6])
     assert lengths == [3 * 2048, 8 * 2048, 5 * 2048]
     assert audio.shape == (3, 8 * 2048)
     assert torch.count_nonzero(audio[0, 3 * 2048 :]) == 0
@@ -27,12 +28,47 @@ def test_batched_decode_trims_each_chunk_to_its_frames(tiny_snac):
 def test_decode_is_repeatable_for_a_seed(tiny_snac):
     decoder = SnacDecoder(tiny_snac, "cpu")
     batch = [_codes(4, 0), _codes(6, 1)]
-    a, _ = decoder.decode(batch, seed=1)
+    a, _ = decoder.decode(batch, [1, 2])
     torch.randn(100)  # other users of the global generator must not matter
-    b, _ = decoder.decode(batch, seed=1)
-    c, _ = decoder.decode(batch, seed=2)
+    b, _ = decoder.decode(batch, [1, 2])
+    c, _ = decoder.decode(batch, [3, 2])
     assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    assert not torch.allclose(a[0], c[0])  # the first chunk's own seed changed its noise
+    assert torch.equal(a[1], c[1])  # the second chunk's did not change
+
+
+def test_a_chunk_decodes_the_same_alone_or_beside_longer_chunks(tiny_snac):
+    """Chunks are decoded in whatever batches they finish in: a chunk's audio must not depend on them
+    (the noise of its batch-mates, or whether a longer chunk follows it in the padded batch)."""
+    decoder = SnacDecoder(tiny_snac, "cpu")
+    short, long_ = _codes(5, 0), _codes(9, 1)
+    alone, _ = decoder.decode([short], [11])
+    beside, _ = decoder.decode([long_, _codes(7, 2), short], [12, 13, 11])
+    assert torch.allclose(alone[0], beside[2, : 5 * 2048], atol=1e-5)
+    assert float(alone.abs().max()) > 1e-3  # real audio, not silence
+
+
+def test_chunk_noise_is_splitmix64_then_box_muller():
+    seeds = torch.tensor([0, 7, (1 << 63) - 1])
+    noise = chunk_noise(seeds, 4000, layer=2)
+    assert noise.shape == (3, 1, 4000)
+    mask = (1 << 64) - 1
+
+    def mix(x):
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & mask
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & mask
+        return x ^ (x >> 31)
+
+    for row, seed in enumerate(seeds.tolist()):
+        stream = mix((seed * 0x9E3779B97F4A7C15 + 3 * 0xBF58476D1CE4E5B9) & mask)
+        for position in (1, 2, 3999):
+            bits = mix((stream + (position + 1) * 0x9E3779B97F4A7C15) & mask)
+            uniform = ((bits >> 40) + 0.5) / 2**24
+            angle = ((bits >> 16) & 0xFFFFFF) / 2**24 * 2 * math.pi
+            expected = math.sqrt(-2 * math.log(uniform)) * math.cos(angle)
+            assert float(noise[row, 0, position]) == pytest.approx(expected, abs=1e-4)
+    assert abs(float(noise.mean())) < 0.05 and float(noise.std()) == pytest.approx(1.0, abs=0.05)
+    assert not torch.equal(noise, chunk_noise(seeds, 4000, layer=3))
 
 
 def test_wrong_codec_layout_is_refused(tmp_path, tiny_snac):

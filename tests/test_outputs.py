@@ -12,7 +12,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 from fastmaya_cli import outputs
 from fastmaya_cli.errors import InputError, RuntimeFailure
@@ -30,6 +32,7 @@ from fastmaya_cli.outputs import (
     reserve_temp,
     safe_file_title,
     subtitles_text,
+    to_pcm,
     write_failure,
 )
 
@@ -284,3 +287,19 @@ def test_disk_full_is_recognised() -> None:
     assert failure.problem == "disk full while writing out/book.mp3." and failure.fix
     other = write_failure(Path("b.wav"), OSError(errno.EIO, "Input/output error"))
     assert re.match(r"could not write b\.wav: Input/output error", other.problem)
+
+
+@pytest.mark.parametrize("bits", [16, 24])
+@pytest.mark.parametrize("container", ["FLAC", "WAV"])
+def test_pcm_conversion_rounds_to_the_nearest_step_and_clips(tmp_path, bits, container):
+    rng = np.random.default_rng(3)
+    step = 2.0 ** (1 - bits)
+    samples = rng.uniform(-1.0, 1.0, 20_000).astype(np.float32)
+    path = tmp_path / "pcm"
+    sf.write(str(path), to_pcm(samples, bits), 48000, format=container, subtype=f"PCM_{bits}")
+    stored, _ = sf.read(str(path), dtype="float64")
+    assert np.abs(stored - samples).max() <= step / 2 + 1e-7  # the nearest step
+    edges = np.array([1.0, 2.0, -1.0, -3.0, 0.0, 2.5 * step, 3.5 * step], dtype=np.float32)
+    codes = to_pcm(edges, bits).astype(np.int64) >> (0 if bits == 16 else 8)
+    top = 2 ** (bits - 1)
+    assert codes.tolist() == [top - 1, top - 1, -top, -top, 0, 2, 4]  # clipped; halves round to even

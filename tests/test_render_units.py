@@ -1,9 +1,11 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
 
 from fastmaya_cli import maya1
-from fastmaya_cli.render import decode_and_upsample, decode_group_size, pack_seconds, sub_batches
+from fastmaya_cli.render import DecodeQueue, decode_and_upsample, pack_seconds, sub_batches
 
 
 def test_sub_batches_bound_padded_size_and_keep_order():
@@ -16,11 +18,49 @@ def test_sub_batches_bound_padded_size_and_keep_order():
     assert len(sub_batches([10] * 10)) == 1
 
 
-def test_decode_groups_are_small_for_a_short_text_and_full_for_a_book():
-    assert decode_group_size(144, 16) == 5  # the travel text: about 32 groups, decoded while others generate
-    assert decode_group_size(2500, 16) == 16
-    assert decode_group_size(3, 16) == 1
-    assert decode_group_size(0, 16) == 1
+def test_decode_queue_hands_out_chunks_as_they_finish_lowest_first():
+    queue = DecodeQueue([2.0] * 6, ahead_s=100.0)
+    for index in (4, 1, 5):
+        queue.resolve(index)
+    assert queue.take(2) == [1, 4]  # not waiting for chunk 0: the decoder works on what is done
+    assert queue.take(8) == [5]
+    for index in (0, 2, 3):
+        queue.resolve(index)
+    assert queue.take(8) == [0, 2, 3]
+    assert queue.take(8) is None  # all taken
+
+
+def test_decode_queue_bounds_audio_held_ahead_of_the_assembler_but_never_blocks_the_next_chunk():
+    queue = DecodeQueue([10.0] * 6, ahead_s=25.0)
+    for index in (1, 2, 3, 5):
+        queue.resolve(index)
+    assert queue.take(8) == [1, 2]  # a third would hold 30 s that the assembler cannot write yet
+    queue.resolve(0)
+    assert queue.take(8) == [0]  # over the bound, but it is the one the assembler waits for
+    for index in (0, 1):
+        queue.assembled(index)
+    assert queue.take(8) == [3]  # 0 and 1 written: room for one more (2 and 3 held)
+    taken: list = []
+    waiter = threading.Thread(target=lambda: taken.append(queue.take(8)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # no room for 5, and the assembler will need 4 first: it waits
+    queue.assembled(2)
+    waiter.join(5)
+    assert taken == [[5]]
+    queue.resolve(4)
+    assert queue.take(8) == [4]  # 30 s would be held, but the assembler needs it next
+    assert queue.take(8) is None
+
+
+def test_decode_queue_stop_releases_a_waiting_decoder():
+    queue = DecodeQueue([1.0] * 3, ahead_s=10.0)
+    taken: list = []
+    waiter = threading.Thread(target=lambda: taken.append(queue.take(8)))
+    waiter.start()
+    queue.stop()
+    waiter.join(5)
+    assert taken == [None]
 
 
 def test_pack_seconds_cuts_short_books_finer():
@@ -34,7 +74,7 @@ class _Decoder:
     def __init__(self, limit):
         self.limit, self.calls = limit, []
 
-    def decode(self, codes, seed):
+    def decode(self, codes, seeds):
         self.calls.append(len(codes))
         if len(codes) > self.limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -50,11 +90,14 @@ def _identity(audio, lengths):
 
 
 def test_out_of_memory_splits_the_batch_and_keeps_every_chunk():
-    codes = [maya1.Codes(np.full(f, i), np.zeros(2 * f, int), np.zeros(4 * f, int)) for i, f in enumerate([3, 5, 2, 4])]
+    codes = [
+        maya1.Codes(np.full(f, i), np.zeros(2 * f, int), np.zeros(4 * f, int))
+        for i, f in enumerate([3, 5, 2, 4])
+    ]
     decoder = _Decoder(limit=1)
-    clips, lengths = decode_and_upsample(decoder, _identity, codes, seed=0)
+    clips, lengths = decode_and_upsample(decoder, _identity, codes, seeds=[0, 1, 2, 3])
     assert lengths == [3 * 2048, 5 * 2048, 2 * 2048, 4 * 2048]
     assert [float(c[0]) for c in clips] == [0.0, 1.0, 2.0, 3.0]
     assert sorted(decoder.calls) == [1, 1, 1, 1, 2, 2, 4]  # halved until each part fits
     with pytest.raises(torch.OutOfMemoryError):
-        decode_and_upsample(_Decoder(limit=0), _identity, codes[:1], seed=0)
+        decode_and_upsample(_Decoder(limit=0), _identity, codes[:1], seeds=[0])

@@ -31,7 +31,7 @@ class BenchOptions:
     model: str | None = None
     data_dir: Path = Path("../shared/data")
     cache_dir: Path | None = None
-    stages: tuple[str, ...] = ("hf", "llm", "render", "novel", "bs1", "upsampler")
+    stages: tuple[str, ...] = ("hf", "llm", "render", "novel-llm", "novel", "bs1", "upsampler")
     limit: int | None = None
     hf_batch: int = 64
     hf_chunks: int = 64
@@ -235,7 +235,7 @@ def run_bench(opts: BenchOptions) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
 
-    if {"llm", "render", "novel", "bs1"} & set(opts.stages):
+    if {"llm", "render", "novel-llm", "novel", "bs1"} & set(opts.stages):
         engine_kwargs = dict(
             kind="lmdeploy",
             model=model,
@@ -262,12 +262,18 @@ def run_bench(opts: BenchOptions) -> dict:
             emit(_run_llm(renderer, travel_chunks, "llm-travel", name))
         if "render" in opts.stages:
             emit(_run_render(renderer, travel, opts.out_dir / "travel.flac", "render-travel", name))
-        if "novel" in opts.stages:
+        if {"novel-llm", "novel"} & set(opts.stages):
             novel_renderer = _renderer(
                 {**base, "max_chunks": opts.limit, "engine": engine_kwargs}, engine=renderer.engine
             )
             novel_renderer._decoder, novel_renderer._upsampler = renderer.decoder, renderer.upsampler
+            novel_renderer._decode_thread = renderer.decode_thread  # where the models were warmed
             novel_renderer._encode = renderer.encode
+        if "novel-llm" in opts.stages:
+            # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
+            _, novel_chunks = novel_renderer.plan(novel)
+            emit(_run_llm(novel_renderer, novel_chunks, "llm-novel", name))
+        if "novel" in opts.stages:
             emit(_run_render(novel_renderer, novel, opts.out_dir / "novel.flac", "render-novel", name))
             pool_stats = getattr(renderer.engine, "stats", None)
             if callable(pool_stats):
@@ -299,6 +305,10 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
     summary = {}
     if hf and llm:
         summary["lmdeploy_over_hf"] = round(llm.audio_per_s / hf.audio_per_s, 1)
+    novel_llm = next((s for s in stages if s.stage == "llm-novel"), None)
+    novel_render = next((s for s in stages if s.stage == "render-novel"), None)
+    if novel_llm and novel_render:
+        summary["novel_render_share_of_llm_only"] = round(novel_render.audio_per_s / novel_llm.audio_per_s, 3)
     if llm and render:
         summary["render_share_of_llm_only"] = round(render.audio_per_s / llm.audio_per_s, 3)
         # The render's time beyond what the LLM alone needs for the same audio.

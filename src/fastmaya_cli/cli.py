@@ -449,8 +449,8 @@ def bench(
     ] = Path("../shared/data"),
     cache_dir: Annotated[Path | None, typer.Option(help="Where to build the random checkpoint.")] = None,
     stages: Annotated[
-        str, typer.Option(help="Comma list: hf,llm,render,novel,bs1,upsampler.")
-    ] = "hf,llm,render,novel,bs1,upsampler",
+        str, typer.Option(help="Comma list: hf,llm,render,novel-llm,novel,bs1,upsampler.")
+    ] = "hf,llm,render,novel-llm,novel,bs1,upsampler",
     limit: Annotated[int | None, typer.Option(help="Render only the novel's first N chunks.")] = None,
     hf_batch: Annotated[int, typer.Option(help="Batch size of the hf anchor.")] = 64,
     hf_chunks: Annotated[
@@ -468,7 +468,8 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
-    """Measure throughput on this GPU: hf anchor, LMDeploy LLM-only, full render, the novel, bs=1, upsampler."""
+    """Measure throughput on this GPU: hf anchor, LMDeploy LLM-only, full render, the novel (LLM only and
+    rendered), bs=1, upsampler."""
     from .bench import BenchOptions, run_bench
 
     def work() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import types
 from collections.abc import Sequence
@@ -16,13 +17,52 @@ from .maya1 import SAMPLES_PER_FRAME, SNAC_RATE, Codes
 DEFAULT_CODEC = "hubertsiuzdak/snac_24khz"
 
 
-def _seeded_noise(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """SNAC's NoiseBlock, with the noise drawn from the codec's own generator.
+# Frames of silent latent decoded past each chunk's end. SNAC's decoder sees about two frames to the
+# right of a sample; with this margin a chunk decodes the same whatever longer chunk shares its batch.
+RIGHT_CONTEXT_FRAMES = 4
 
-    The stock block draws from the global generator, so a decode would depend on whatever else
-    used it (other threads included); a generator reseeded per batch makes decoding repeatable.
+
+def _int64(value: int) -> int:
+    """A Python int wrapped to a signed 64-bit value, as torch's int64 arithmetic wraps."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)  # splitmix64's constants
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser; int64 multiplication wraps, as the algorithm needs."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def chunk_noise(seeds: torch.Tensor, length: int, layer: int) -> torch.Tensor:
+    """Standard normal noise [B, 1, length] in which row b depends only on seeds[b], layer and position.
+
+    A counter-based generator (splitmix64, then Box-Muller): a chunk's noise is the same whatever
+    batch it is decoded in, and one set of element-wise kernels makes a whole batch's.
     """
-    noise = torch.randn((x.shape[0], 1, x.shape[2]), generator=block.noise_generator, device=x.device)
+    stream = _mix(seeds.view(-1, 1) * _GOLDEN + _int64((layer + 1) * _MIX1))
+    positions = torch.arange(1, length + 1, device=seeds.device, dtype=torch.int64)
+    bits = _mix(stream + positions * _GOLDEN)
+    scale = 1.0 / (1 << 24)
+    uniform = (_shift_right(bits, 40).to(torch.float32) + 0.5) * scale  # in (0, 1)
+    angle = ((bits >> 16) & 0xFFFFFF).to(torch.float32) * (2 * math.pi * scale)
+    return (torch.sqrt(-2.0 * torch.log(uniform)) * torch.cos(angle)).unsqueeze(1)
+
+
+def _chunk_seeded_noise(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SNAC's NoiseBlock, with each row's noise drawn from its chunk's own seed (see chunk_noise)."""
+    noise = chunk_noise(block.noise_seeds(), x.shape[2], block.noise_layer)
     return x + noise.to(x.dtype) * block.linear(x)
 
 
@@ -49,26 +89,35 @@ def load_snac(model: str | Path, device: torch.device):  # noqa: ANN201 - snac.S
 
 
 class SnacDecoder:
-    """Loads SNAC once; decodes padded batches of chunks and trims each to frames x 2048 samples."""
+    """Loads SNAC once; decodes padded batches of chunks and trims each to frames x 2048 samples.
+
+    A chunk's audio depends on its codes and its seed only, not on the batch it is decoded in (up to
+    floating-point rounding): each row's noise comes from its own seed, and every row is followed by
+    RIGHT_CONTEXT_FRAMES of zero latent, as if it had been decoded alone. So chunks can be decoded in
+    whatever groups they finish in, and a resumed render decodes them as an uninterrupted one did.
+    """
 
     def __init__(self, model: str | Path = DEFAULT_CODEC, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.model = load_snac(model, self.device)
-        self.generator = torch.Generator(device=self.device)
+        self._seeds = torch.zeros(1, dtype=torch.int64, device=self.device)
+        layer = 0
         for module in self.model.modules():
             if type(module).__name__ == "NoiseBlock":
-                module.noise_generator = self.generator
-                module.forward = types.MethodType(_seeded_noise, module)
+                module.noise_seeds = lambda: self._seeds
+                module.noise_layer = layer
+                module.forward = types.MethodType(_chunk_seeded_noise, module)
+                layer += 1
         if self.device.type == "cuda":
             # cuDNN and cuBLAS set up on the first call; pay that at load, not in the first batch.
             silence = np.zeros(4, dtype=np.int64)
-            self.decode([Codes(silence, np.zeros(8, dtype=np.int64), np.zeros(16, dtype=np.int64))])
+            self.decode([Codes(silence, np.zeros(8, dtype=np.int64), np.zeros(16, dtype=np.int64))], [0])
 
     @torch.inference_mode()
-    def decode(self, codes: Sequence[Codes], seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    def decode(self, codes: Sequence[Codes], seeds: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
         """Decode a batch: returns audio [B, T] (float32, zero-padded, on device) and each length."""
         frames = [c.frames for c in codes]
-        width = max(frames)
+        width = max(frames) + RIGHT_CONTEXT_FRAMES
         books = []
         for level, per_frame in enumerate((1, 2, 4)):
             padded = np.zeros((len(codes), width * per_frame), dtype=np.int64)
@@ -76,9 +125,14 @@ class SnacDecoder:
                 values = (c.c0, c.c1, c.c2)[level]
                 padded[row, : values.shape[0]] = values
             books.append(torch.from_numpy(padded).to(self.device))
-        self.generator.manual_seed(seed)
-        audio = self.model.decode(books)[:, 0, : width * SAMPLES_PER_FRAME].float()
+        # Seeds are 63-bit: a chunk seed (any Python int) folded into int64's positive range.
+        self._seeds = torch.tensor([seed % (1 << 63) for seed in seeds], dtype=torch.int64).to(self.device)
+        latent = self.model.quantizer.from_codes(books)
+        latent_per_frame = latent.shape[-1] // width
+        ends = torch.tensor(frames, device=self.device).view(-1, 1, 1) * latent_per_frame
+        latent = latent.masked_fill(torch.arange(latent.shape[-1], device=self.device) >= ends, 0.0)
+        audio = self.model.decoder(latent)[:, 0, : width * SAMPLES_PER_FRAME].float()
         lengths = [f * SAMPLES_PER_FRAME for f in frames]
-        for row, length in enumerate(lengths):
-            audio[row, length:] = 0.0
-        return audio, lengths
+        ends = torch.tensor(lengths, device=self.device).view(-1, 1)
+        audio = audio.masked_fill(torch.arange(audio.shape[-1], device=self.device) >= ends, 0.0)
+        return audio[:, : max(lengths)], lengths

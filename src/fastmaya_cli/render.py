@@ -1,14 +1,15 @@
 """The orchestrator: text -> requests -> engine -> codes -> SNAC -> upsampler -> assembler.
 
-The engine runs in the calling thread and yields chunks as they complete. A decode worker turns
-completed groups of consecutive chunks into audio on the GPU while generation goes on, and hands
-them to the assembler in book order. Groups are fixed ranges of chunk indices, so a chunk's audio
-does not depend on when it finished or whether it came from the cache: a resumed run writes the
-same file as an uninterrupted one.
+The engine runs in the calling thread and yields chunks as they complete. A decode worker takes
+completed chunks as they come, lowest index first, and turns them into audio on the GPU in batches
+while generation goes on; the assembler puts the audio in book order. A chunk's audio depends only
+on its codes and seed, not on which chunks shared its batch (see codec.SnacDecoder), so a resumed
+run writes the same audio as an uninterrupted one, up to floating-point rounding.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import json
@@ -17,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,7 +72,7 @@ class RenderOptions:
     max_new_tokens: int = 2048
     max_chunk_seconds: float = 18.0
     words_per_second: float = 2.5
-    decode_batch: int = 16  # the most chunks per decode group (see decode_group_size)
+    decode_batch: int = 16  # the most chunks per decode call: small keeps the last chunks waiting little
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -119,18 +121,6 @@ def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> floa
     return min(max_seconds, book_seconds / max(1, parallel))
 
 
-def decode_group_size(chunks: int, most: int, groups: int = 32) -> int:
-    """Chunks per decode group: up to `most`, but small enough for a short book to make about `groups`.
-
-    A group decodes once its slowest chunk is done, so a short text, whose chunks all run side by side,
-    gets small groups that can decode as soon as a few neighbours are back; a long book fills
-    `most`-sized groups all along. (LMDeploy 0.18 was measured handing a short text's chunks back within
-    the last 15% of generation, which leaves small groups little to overlap; see BENCHMARKS.md.) It
-    depends only on the number of chunks, so a resumed run groups, and so decodes, as the first did.
-    """
-    return max(1, min(most, -(-chunks // groups)))
-
-
 def select_preview(chunks: Sequence[Chunk], sentences: int | None) -> list[Chunk]:
     """The chunks that hold the book's first `sentences` sentences (headings before them included)."""
     if sentences is None:
@@ -156,6 +146,8 @@ class Renderer:
         self._encode: Callable[[str], list[int]] | None = None
         self._decoder: SnacDecoder | None = None
         self._upsampler = None
+        self._decode_thread: ThreadPoolExecutor | None = None
+        self._decode_stream: torch.cuda.Stream | None = None
         self.startup: dict[str, float] = {}
         self.cache = ChunkCache(options.cache_dir)
         self._model_id = model_fingerprint(options.engine.model)
@@ -178,10 +170,40 @@ class Renderer:
         return self._engine
 
     @property
+    def decode_thread(self) -> ThreadPoolExecutor:
+        """The one thread that runs SNAC and the upsampler, for every book: what CUDA libraries set
+        up per thread is set up once, when the models load, and not again in each book's first batch."""
+        if self._decode_thread is None:
+            self._decode_thread = ThreadPoolExecutor(1, thread_name_prefix="fastmaya-decode")
+        return self._decode_thread
+
+    def _on_decode_thread(self, load: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            if threading.current_thread().name.startswith("fastmaya-decode"):
+                return load()  # already there: waiting on itself would never return
+            return self.decode_thread.submit(load).result()
+
+        return run
+
+    @property
     def decoder(self) -> SnacDecoder:
         if self._decoder is None:
-            self._decoder = self._timed("codec", lambda: SnacDecoder(self.options.codec, self.audio_device()))
+            device = self.audio_device()
+            self._decoder = self._timed(
+                "codec", self._on_decode_thread(lambda: SnacDecoder(self.options.codec, device))
+            )
         return self._decoder
+
+    def decode_stream(self) -> contextlib.AbstractContextManager:
+        """A CUDA stream of its own for decoding, so its kernels and copies queue behind nothing else."""
+        import torch
+
+        device = self.decoder.device
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(device)
+        return torch.cuda.stream(self._decode_stream)
 
     @property
     def upsampler(self):  # noqa: ANN201 - upsample.Upsampler
@@ -191,13 +213,15 @@ class Renderer:
             device = self.audio_device()
             self._upsampler = self._timed(
                 "upsampler",
-                lambda: load_upsampler(
-                    self.options.upsampler,
-                    weights=self.options.upsampler_weights,
-                    device=device,
-                    warn=self.progress.note,
-                    # On CUDA this compiles the fused kernels at load, not in the first batch.
-                    compile=device.startswith("cuda"),
+                self._on_decode_thread(
+                    lambda: load_upsampler(
+                        self.options.upsampler,
+                        weights=self.options.upsampler_weights,
+                        device=device,
+                        warn=self.progress.note,
+                        # On CUDA this compiles the fused kernels at load, not in the first batch.
+                        compile=device.startswith("cuda"),
+                    )
                 ),
             )
         return self._upsampler
@@ -244,6 +268,9 @@ class Renderer:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
+        if self._decode_thread is not None:
+            self._decode_thread.shutdown(wait=True)
+            self._decode_thread = None
 
     # one book -------------------------------------------------------------------------------
     def plan(self, source: str | Path) -> tuple[Book, list[Chunk]]:
@@ -252,11 +279,21 @@ class Renderer:
         book = read_book(source, encoding=opts.encoding, normalize=opts.normalize)
         for warning in book.warnings:
             self.progress.note(warning)
-        pack = pack_seconds(expected_seconds(spoken_text(book), opts.words_per_second), self.parallel_width(),
-                            opts.max_chunk_seconds)
+        pack = pack_seconds(
+            expected_seconds(spoken_text(book), opts.words_per_second),
+            self.parallel_width(),
+            opts.max_chunk_seconds,
+        )
         split = sentence_splitter(book, workers=min(8, os.cpu_count() or 1))
-        chunks = list(iter_chunks(book, max_seconds=opts.max_chunk_seconds, words_per_second=opts.words_per_second,
-                                  pack_seconds=pack, sentences=split))
+        chunks = list(
+            iter_chunks(
+                book,
+                max_seconds=opts.max_chunk_seconds,
+                words_per_second=opts.words_per_second,
+                pack_seconds=pack,
+                sentences=split,
+            )
+        )
         chunks = select_preview(chunks, opts.preview)[: opts.max_chunks]
         if not chunks:
             raise RuntimeFailure(f"Nothing to speak in {source}.", "Check that the file holds text.")
@@ -332,7 +369,7 @@ class Renderer:
         opts = self.options
         expected_audio = sum(s.chunk.seconds for s in states)
         self.progress.start(str(book.meta.source), len(states), expected_audio)
-        tracker = GroupTracker(len(states), decode_group_size(len(states), opts.decode_batch))
+        tracker = DecodeQueue([s.chunk.seconds for s in states], DECODED_AHEAD_S)
         for index, state in enumerate(states):
             hit = self.cache.get(state.key)
             if hit is not None:
@@ -391,7 +428,7 @@ class Renderer:
         """Load every model now rather than on first use (benchmarks time start-up on its own)."""
         _ = self.encode, self.decoder, self.upsampler, self.engine
 
-    def _generate(self, states: list[ChunkState], pending: list[int], tracker: GroupTracker) -> None:
+    def _generate(self, states: list[ChunkState], pending: list[int], tracker: DecodeQueue) -> None:
         feed = RequestFeed(self._request(i, states[i]) for i in pending)
         try:
             for generation in self.engine.generate(feed):
@@ -402,7 +439,7 @@ class Renderer:
             raise
 
     def _accept(
-        self, states: list[ChunkState], generation: Generation, tracker: GroupTracker
+        self, states: list[ChunkState], generation: Generation, tracker: DecodeQueue
     ) -> Request | None:
         index = generation.chunk_index
         state = states[index]
@@ -429,30 +466,63 @@ class Renderer:
         return None
 
 
-class GroupTracker:
-    """Counts resolved chunks per decode group; the worker waits on the next group in order."""
+# Decoded audio the decoder may hold ahead of the assembler (which writes in book order): about
+# 0.35 GB of 48 kHz float32. Without a bound, one slow early chunk would let hours pile up.
+DECODED_AHEAD_S = 1800.0
 
-    def __init__(self, chunks: int, group_size: int) -> None:
-        self.group_size = max(1, group_size)
-        self.groups = (chunks + self.group_size - 1) // self.group_size
-        self.chunks = chunks
-        self._missing = [len(self.members(g)) for g in range(self.groups)]
+
+class DecodeQueue:
+    """Resolved chunks (generated, failed or cached) waiting for the decoder, handed out lowest first.
+
+    The decoder never holds more than `ahead_s` seconds of audio the assembler cannot write yet,
+    except for the lowest chunk not yet taken: everything before it is taken, so it is always the
+    next one the assembler needs, and taking it always makes progress.
+    """
+
+    def __init__(self, seconds: Sequence[float], ahead_s: float) -> None:
+        self._seconds = list(seconds)
+        self._ahead_s = ahead_s
+        self._ready: list[int] = []  # sorted
+        self._taken = [False] * len(seconds)
+        self._untaken = len(seconds)
+        self._lowest_untaken = 0
+        self._held_s = 0.0
         self._cond = threading.Condition()
         self._stopped = False
 
-    def members(self, group: int) -> range:
-        return range(group * self.group_size, min((group + 1) * self.group_size, self.chunks))
-
     def resolve(self, index: int) -> None:
         with self._cond:
-            self._missing[index // self.group_size] -= 1
+            bisect.insort(self._ready, index)
             self._cond.notify_all()
 
-    def wait_for(self, group: int) -> bool:
+    def take(self, most: int) -> list[int] | None:
+        """Up to `most` resolved chunks, waiting for at least one; None once all are taken (or stopped)."""
         with self._cond:
-            while self._missing[group] > 0 and not self._stopped:
+            while not self._stopped and self._untaken:
+                taken: list[int] = []
+                needed = self._lowest_untaken
+                for index in self._ready:
+                    if len(taken) == most:
+                        break
+                    if index != needed and self._held_s + self._seconds[index] > self._ahead_s:
+                        break
+                    taken.append(index)
+                    self._held_s += self._seconds[index]
+                    self._taken[index] = True
+                    self._untaken -= 1
+                    while self._lowest_untaken < len(self._taken) and self._taken[self._lowest_untaken]:
+                        self._lowest_untaken += 1
+                if taken:
+                    del self._ready[: len(taken)]
+                    return taken
                 self._cond.wait(timeout=0.5)
-            return not self._stopped
+            return None
+
+    def assembled(self, index: int) -> None:
+        """The assembler has written chunk `index`: its audio no longer counts as held."""
+        with self._cond:
+            self._held_s -= self._seconds[index]
+            self._cond.notify_all()
 
     def stop(self) -> None:
         with self._cond:
@@ -460,113 +530,108 @@ class GroupTracker:
             self._cond.notify_all()
 
 
-class DecodeWorker(threading.Thread):
-    """Decodes and upsamples each group as soon as it is complete, then assembles it in order."""
+class DecodeWorker:
+    """Decodes and upsamples chunks in batches as they complete, on the renderer's decode thread; an
+    assembling thread of its own puts them in book order."""
 
     def __init__(
         self,
         renderer: Renderer,
         states: list[ChunkState],
-        tracker: GroupTracker,
+        tracker: DecodeQueue,
         assembler: Assembler,
         book: Book,
     ) -> None:
-        super().__init__(name="fastmaya-decode", daemon=True)
         self.renderer = renderer
         self.states = states
         self.tracker = tracker
         self.assembler = assembler
         self.titles = {c.index: c.title for c in book.chapters}
         self.error: BaseException | None = None
-        self.book_seed = renderer.options.seed
+        self._done: Future | None = None
 
-    def run(self) -> None:
-        # Decoding (GPU) of the next group overlaps with assembling and encoding (CPU) of this one.
-        decoded: queue.Queue = queue.Queue(maxsize=2)
-        assembling = threading.Thread(target=self._assemble_all, args=(decoded,), name="fastmaya-assemble",
-                                      daemon=True)
+    def start(self) -> None:
+        self._done = self.renderer.decode_thread.submit(self._run)
+
+    def _run(self) -> None:
+        # Decoding (GPU) of the next batch overlaps with assembling and encoding (CPU) of this one.
+        decoded: queue.Queue = queue.Queue()
+        assembling = threading.Thread(
+            target=self._assemble_all, args=(decoded,), name="fastmaya-assemble", daemon=True
+        )
         assembling.start()
+        most = max(1, self.renderer.options.decode_batch)
         try:
-            with _own_stream(self.renderer.decoder.device):
-                for group in range(self.tracker.groups):
-                    if not self.tracker.wait_for(group) or self.error is not None:
-                        break
-                    _hand_over(decoded, (group, self._decode(group)), assembling)
+            with self.renderer.decode_stream():
+                while self.error is None and (batch := self.tracker.take(most)) is not None:
+                    decoded.put(self._decode(batch))
         except BaseException as exc:  # handed to the main thread by join_checked
             self.error = exc
         finally:
-            _hand_over(decoded, None, assembling)
+            decoded.put(None)
             assembling.join()
 
     def _assemble_all(self, decoded: queue.Queue) -> None:
+        waiting: dict[int, np.ndarray | None] = {}
+        next_index = 0
         try:
-            while (item := decoded.get()) is not None:
-                group, audio = item
-                self._assemble(self.tracker.members(group), audio)
+            while (audio := decoded.get()) is not None:
+                waiting.update(audio)
+                while next_index in waiting:
+                    self._assemble(next_index, waiting.pop(next_index))
+                    self.tracker.assembled(next_index)
+                    next_index += 1
         except BaseException as exc:
             self.error = self.error or exc
+            self.tracker.stop()  # the decoder must not wait for room this thread will never free
 
-    def _decode(self, group: int) -> dict[int, np.ndarray]:
-        members = [i for i in self.tracker.members(group) if self.states[i].status == "ok"]
-        if not members:
-            return {}
-        codes = [self.states[i].codes for i in members]
-        audio, _ = decode_and_upsample(
-            self.renderer.decoder, self.renderer.upsampler, codes, seed=self.book_seed * 1_000_003 + group
-        )
-        return dict(zip(members, audio, strict=True))
-
-    def _assemble(self, members: range, audio: dict[int, np.ndarray]) -> None:
-        rate = self.renderer.upsampler.output_rate
-        for index in members:
-            state = self.states[index]
-            chunk = state.chunk
-            clip = audio.get(index)
-            if clip is None:
-                clip = np.zeros(int(FAILED_SILENCE_S * rate), dtype=np.float32)
-            self.assembler.add(
-                Segment(
-                    chunk_index=index,
-                    audio=clip,
-                    boundary=chunk.boundary,
-                    chapter=chunk.chapter,
-                    chapter_title=self.titles.get(chunk.chapter),
-                    text=chunk.text,
-                    status=state.status,
-                    reason=state.reason,
-                    frames=state.codes.frames if state.codes is not None else 0,
-                    seed=state.seed,
-                    attempts=state.attempts,
-                )
+    def _decode(self, batch: list[int]) -> dict[int, np.ndarray | None]:
+        audio: dict[int, np.ndarray | None] = dict.fromkeys(batch)
+        members = [i for i in batch if self.states[i].status == "ok"]
+        if members:
+            clips, _ = decode_and_upsample(
+                self.renderer.decoder,
+                self.renderer.upsampler,
+                [self.states[i].codes for i in members],
+                seeds=[self.states[i].seed for i in members],
             )
-            state.codes = None  # decoded: free it
+            audio.update(zip(members, clips, strict=True))
+        return audio
+
+    def _assemble(self, index: int, clip: np.ndarray | None) -> None:
+        rate = self.renderer.upsampler.output_rate
+        state = self.states[index]
+        chunk = state.chunk
+        if clip is None:
+            clip = np.zeros(int(FAILED_SILENCE_S * rate), dtype=np.float32)
+        self.assembler.add(
+            Segment(
+                chunk_index=index,
+                audio=clip,
+                boundary=chunk.boundary,
+                chapter=chunk.chapter,
+                chapter_title=self.titles.get(chunk.chapter),
+                text=chunk.text,
+                status=state.status,
+                reason=state.reason,
+                frames=state.codes.frames if state.codes is not None else 0,
+                seed=state.seed,
+                attempts=state.attempts,
+            )
+        )
+        state.codes = None  # decoded: free it
 
     def stop(self) -> None:
         self.tracker.stop()
-        self.join(timeout=30)
+        if self._done is not None:
+            with contextlib.suppress(BaseException):
+                self._done.result(timeout=30)
 
     def join_checked(self) -> None:
-        while self.is_alive():
-            self.join(timeout=0.5)
+        assert self._done is not None
+        self._done.result()
         if self.error is not None:
             raise self.error
-
-
-def _own_stream(device: torch.device) -> contextlib.AbstractContextManager:
-    """A CUDA stream of its own for decoding, so its kernels and copies queue behind nothing else."""
-    import torch
-
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.cuda.stream(torch.cuda.Stream(device))
-
-
-def _hand_over(items: queue.Queue, item: object, consumer: threading.Thread) -> None:
-    """Put `item` on a bounded queue, unless its consumer has died (then nobody would take it)."""
-    while consumer.is_alive():
-        with contextlib.suppress(queue.Full):
-            items.put(item, timeout=0.5)
-            return
 
 
 # Padded frames per SNAC call: about 3 minutes of audio, a few GB of activations at most.
@@ -592,23 +657,32 @@ def decode_and_upsample(
     upsampler,  # noqa: ANN001 - upsample.Upsampler
     codes: Sequence[maya1.Codes],
     *,
-    seed: int,
+    seeds: Sequence[int],
 ) -> tuple[list[np.ndarray], list[int]]:
     """Chunks through SNAC and the upsampler, split back into per-chunk float32 arrays.
 
-    Calls are bounded in size; one that still runs out of GPU memory is split in half and retried.
+    `seeds` are the chunks' own (their SNAC noise). On a GPU, calls are batched and bounded in size; one
+    that still runs out of GPU memory is split in half and retried.
     """
     clips: list[np.ndarray] = []
-    for part in sub_batches([c.frames for c in codes]):
-        clips.extend(_decode_part(decoder, upsampler, [codes[i] for i in part], seed + part.start))
+    if getattr(getattr(decoder, "device", None), "type", None) == "cpu":
+        # The CPU gains little from batching, and a chunk decoded on its own always has the same
+        # shape, so its audio is the same to the last bit however the chunks finished.
+        parts = [range(i, i + 1) for i in range(len(codes))]
+    else:
+        parts = sub_batches([c.frames for c in codes])
+    for part in parts:
+        clips.extend(_decode_part(decoder, upsampler, [codes[i] for i in part], [seeds[i] for i in part]))
     return clips, [len(c) for c in clips]
 
 
-def _decode_part(decoder: SnacDecoder, upsampler, codes: list[maya1.Codes], seed: int) -> list[np.ndarray]:  # noqa: ANN001
+def _decode_part(
+    decoder: SnacDecoder, upsampler, codes: list[maya1.Codes], seeds: list[int]
+) -> list[np.ndarray]:  # noqa: ANN001
     import torch
 
     try:
-        audio, lengths = decoder.decode(codes, seed=seed)
+        audio, lengths = decoder.decode(codes, seeds)
         audio, lengths = upsampler(audio, lengths)
         host = audio.float().cpu().numpy()
     except torch.OutOfMemoryError:
@@ -617,8 +691,8 @@ def _decode_part(decoder: SnacDecoder, upsampler, codes: list[maya1.Codes], seed
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(codes) // 2
-        return _decode_part(decoder, upsampler, codes[:half], seed) + _decode_part(
-            decoder, upsampler, codes[half:], seed + half
+        return _decode_part(decoder, upsampler, codes[:half], seeds[:half]) + _decode_part(
+            decoder, upsampler, codes[half:], seeds[half:]
         )
     return [host[row, :length].copy() for row, length in enumerate(lengths)]
 

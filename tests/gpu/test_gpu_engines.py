@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,22 @@ def test_hf_engine_on_cuda(small_model):
     results = list(engine.generate(_requests(small_model, [5, 6, 7, 8, 9], tokens=35)))
     assert sorted(g.chunk_index for g in results) == [0, 1, 2, 3, 4]
     assert all(maya1.unpack(g.token_ids).frames == 5 for g in results)
+
+
+def test_snac_on_cuda_decodes_a_chunk_the_same_in_any_batch():
+    """The renderer decodes chunks in whatever batches they finish in (see codec.SnacDecoder)."""
+    import numpy as np
+
+    from fastmaya_cli.checkpoints import random_snac
+    from fastmaya_cli.codec import SnacDecoder
+    from fastmaya_cli.maya1 import Codes
+
+    decoder = SnacDecoder(random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False), "cuda")
+    rng = np.random.default_rng(0)
+    chunks = [Codes(*(rng.integers(0, 4096, f * n) for n in (1, 2, 4))) for f in (30, 45, 38)]
+    alone, _ = decoder.decode(chunks[:1], [5])
+    beside, _ = decoder.decode([chunks[1], chunks[0], chunks[2]], [6, 5, 7])
+    peak = float(alone.abs().max())
+    assert peak > 1e-3  # real audio, not silence
+    # cuDNN may pick other kernels for other shapes (TF32 included): equal up to rounding.
+    assert float((alone[0] - beside[1, : 30 * 2048]).abs().max()) < 1e-3 * peak
