@@ -129,10 +129,10 @@ class SnacDecoder:
         self._seeds = torch.tensor([seed % (1 << 63) for seed in seeds], dtype=torch.int64).to(self.device)
         latent = self.model.quantizer.from_codes(books)
         latent_per_frame = latent.shape[-1] // width
-        ends = torch.tensor(frames, device=self.device).view(-1, 1, 1) * latent_per_frame
-        latent = latent.masked_fill(torch.arange(latent.shape[-1], device=self.device) >= ends, 0.0)
+        latent_ends = torch.tensor(frames, device=self.device).view(-1, 1, 1) * latent_per_frame
+        latent = latent.masked_fill(torch.arange(latent.shape[-1], device=self.device) >= latent_ends, 0.0)
         audio = self.model.decoder(latent)[:, 0, : width * SAMPLES_PER_FRAME].float()
         lengths = [f * SAMPLES_PER_FRAME for f in frames]
-        ends = torch.tensor(lengths, device=self.device).view(-1, 1)
-        audio = audio.masked_fill(torch.arange(audio.shape[-1], device=self.device) >= ends, 0.0)
+        sample_ends = torch.tensor(lengths, device=self.device).view(-1, 1)
+        audio = audio.masked_fill(torch.arange(audio.shape[-1], device=self.device) >= sample_ends, 0.0)
         return audio[:, : max(lengths)], lengths

@@ -484,8 +484,7 @@ class DecodeQueue:
         self._ahead_s = ahead_s
         self._ready: list[int] = []  # sorted
         self._taken = [False] * len(seconds)
-        self._untaken = len(seconds)
-        self._lowest_untaken = 0
+        self._lowest_untaken = 0  # == len(seconds) once every chunk is taken
         self._held_s = 0.0
         self._cond = threading.Condition()
         self._stopped = False
@@ -498,7 +497,7 @@ class DecodeQueue:
     def take(self, most: int) -> list[int] | None:
         """Up to `most` resolved chunks, waiting for at least one; None once all are taken (or stopped)."""
         with self._cond:
-            while not self._stopped and self._untaken:
+            while not self._stopped and self._lowest_untaken < len(self._taken):
                 taken: list[int] = []
                 needed = self._lowest_untaken
                 for index in self._ready:
@@ -509,7 +508,6 @@ class DecodeQueue:
                     taken.append(index)
                     self._held_s += self._seconds[index]
                     self._taken[index] = True
-                    self._untaken -= 1
                     while self._lowest_untaken < len(self._taken) and self._taken[self._lowest_untaken]:
                         self._lowest_untaken += 1
                 if taken:
