@@ -86,6 +86,7 @@ from fastmaya_cli.outputs import (
     reserve_temp,
     subtitle_kind,
     subtitles_text,
+    to_pcm,
     write_failure,
     write_text_file,
 )
@@ -441,7 +442,7 @@ class Assembler:
             stored = np.clip(stored, -1.0, 1.0)
         assert self._intermediate is not None
         try:
-            self._intermediate.write(stored)
+            self._intermediate.write(to_pcm(stored, 24))  # as the direct writer converts (see to_pcm)
         except (sf.LibsndfileError, OSError, AssertionError) as error:
             raise write_failure(self._shown_name(), error) from error
         self._flushed += len(block)
