@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastmaya_cli.codec import SnacDecoder, chunk_noise
+from fastmaya_cli import snac_fused
+from fastmaya_cli.codec import SnacDecoder, chunk_noise, load_snac
 from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.maya1 import Codes
 
@@ -46,6 +47,69 @@ def test_a_chunk_decodes_the_same_alone_or_beside_longer_chunks(tiny_snac):
     beside, _ = decoder.decode([long_, _codes(7, 2), short], [12, 13, 11])
     assert torch.allclose(alone[0], beside[2, : 5 * 2048], atol=1e-5)
     assert float(alone.abs().max()) > 1e-3  # real audio, not silence
+
+
+def test_baking_weight_norm_keeps_every_weight(tiny_snac):
+    model = load_snac(tiny_snac, torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if "original" not in name}
+    with torch.no_grad():
+        computed = {
+            name: m.weight.clone() for name, m in model.named_modules() if hasattr(m, "parametrizations")
+        }
+    snac_fused.bake_weight_norm(model)
+    assert computed and not any(hasattr(m, "parametrizations") for m in model.modules())
+    for name, weight in computed.items():
+        assert torch.equal(model.get_submodule(name).weight, weight), name
+    for name, value in before.items():
+        assert torch.equal(model.get_parameter(name), value), name
+
+
+def _random_snac_unit(dilation, channels=24, seed=0):
+    from snac.layers import ResidualUnit
+
+    torch.manual_seed(seed)
+    unit = ResidualUnit(channels, dilation=dilation, groups=channels)
+    with torch.no_grad():
+        for module in unit.block:
+            if hasattr(module, "alpha"):
+                module.alpha.uniform_(0.3, 3.0)  # trained alphas are not all 1
+    snac_fused.bake_weight_norm(unit)
+    return unit
+
+
+@pytest.mark.parametrize("dilation", [1, 3, 9])
+def test_fused_residual_unit_computes_what_snac_computes(dilation):
+    unit = _random_snac_unit(dilation)
+    x = torch.randn(3, 24, 500) * 2
+    with torch.no_grad():
+        expected = unit(x)
+        got = snac_fused.residual_unit(snac_fused.ResidualUnitWeights.of(unit), x.clone())
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+
+
+def test_fused_noise_block_computes_what_snac_computes():
+    from snac.layers import NoiseBlock
+
+    torch.manual_seed(0)
+    block = NoiseBlock(16)
+    snac_fused.bake_weight_norm(block)
+    x, noise = torch.randn(2, 16, 300), torch.randn(2, 1, 300)
+    with torch.no_grad():
+        expected = x + noise * block.linear(x)
+        got = snac_fused.noise_block(x.clone(), noise, block.linear.weight[:, :, 0])
+    assert float((got - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+
+
+def test_fused_decoder_decodes_what_the_plain_one_does(tiny_snac):
+    plain, fused = SnacDecoder(tiny_snac, "cpu", fused=False), SnacDecoder(tiny_snac, "cpu", fused=True)
+    assert sum(hasattr(m, "fused_weights") for m in fused.model.modules()) == 12  # 4 blocks x 3 units
+    batch = [_codes(5, 0), _codes(9, 1)]
+    expected, expected_lengths = plain.decode(batch, [1, 2])
+    got, lengths = fused.decode(batch, [1, 2])
+    assert lengths == expected_lengths
+    peak = float(expected.abs().max())
+    assert peak > 1e-3 and float((got - expected).abs().max()) < 1e-4 * peak
 
 
 def test_chunk_noise_is_splitmix64_then_box_muller():

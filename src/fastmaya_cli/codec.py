@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import snac_fused
 from .errors import RuntimeFailure
 from .maya1 import SAMPLES_PER_FRAME, SNAC_RATE, Codes
 
@@ -62,8 +63,10 @@ def chunk_noise(seeds: torch.Tensor, length: int, layer: int) -> torch.Tensor:
 
 def _chunk_seeded_noise(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """SNAC's NoiseBlock, with each row's noise drawn from its chunk's own seed (see chunk_noise)."""
-    noise = chunk_noise(block.noise_seeds(), x.shape[2], block.noise_layer)
-    return x + noise.to(x.dtype) * block.linear(x)
+    noise = chunk_noise(block.noise_seeds(), x.shape[2], block.noise_layer).to(x.dtype)
+    if block.fused_weight is not None:
+        return snac_fused.noise_block(x, noise, block.fused_weight)
+    return x + noise * block.linear(x)
 
 
 def load_snac(model: str | Path, device: torch.device):  # noqa: ANN201 - snac.SNAC
@@ -97,15 +100,27 @@ class SnacDecoder:
     whatever groups they finish in, and a resumed render decodes them as an uninterrupted one did.
     """
 
-    def __init__(self, model: str | Path = DEFAULT_CODEC, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model: str | Path = DEFAULT_CODEC,
+        device: str | torch.device = "cpu",
+        *,
+        fused: bool | None = None,
+    ) -> None:
+        """`fused` (default: on CUDA) runs the decoder's residual units and noise blocks as in snac_fused."""
         self.device = torch.device(device)
         self.model = load_snac(model, self.device)
+        snac_fused.bake_weight_norm(self.model)
+        self.fused = self.device.type == "cuda" if fused is None else fused
+        if self.fused:
+            snac_fused.use_fused_residual_units(self.model.decoder)
         self._seeds = torch.zeros(1, dtype=torch.int64, device=self.device)
         layer = 0
         for module in self.model.modules():
             if type(module).__name__ == "NoiseBlock":
                 module.noise_seeds = lambda: self._seeds
                 module.noise_layer = layer
+                module.fused_weight = module.linear.weight[:, :, 0].detach() if self.fused else None
                 module.forward = types.MethodType(_chunk_seeded_noise, module)
                 layer += 1
         if self.device.type == "cuda":

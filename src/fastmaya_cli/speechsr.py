@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .triton_support import tl, triton
+
 CHANNELS = 32
 RESBLOCK_KERNELS = (3, 7, 11)
 RESBLOCK_DILATIONS = (1, 3, 5)
@@ -463,30 +465,8 @@ def _activation_cuda(
     return out
 
 
-try:  # Triton ships with the CUDA builds of PyTorch; the CPU path needs none of this.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-
-
-def fused_kernels_available() -> bool:
-    return triton is not None
-
-
 if triton is not None:
-
-    @triton.jit
-    def _sine(x, FAST: tl.constexpr):
-        if FAST:
-            # The hardware sine is accurate to ~1e-6 within one turn; reduce the argument to it first.
-            x = x - 6.283185307179586 * tl.floor(x * 0.15915494309189535 + 0.5)
-            value = tl.inline_asm_elementwise(
-                "sin.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-            )
-        else:
-            value = tl.sin(x)
-        return value
+    from .triton_support import sine as _sine
 
     @triton.jit
     def _banded(offsets, taps_ptr, HALF: tl.constexpr):

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from scipy import signal
 
 from .errors import InputError, RuntimeFailure
-from .speechsr import RECEPTIVE_FIELD_48K, SpeechSR48k, build_generator, fused_kernels_available
+from .speechsr import RECEPTIVE_FIELD_48K, SpeechSR48k, build_generator
+from .triton_support import fused_kernels_available
 
 SNAC_RATE = 24_000
 OUTPUT_RATE = 48_000

@@ -94,3 +94,48 @@ def test_snac_on_cuda_decodes_a_chunk_the_same_in_any_batch():
     assert peak > 1e-3  # real audio, not silence
     # cuDNN may pick other kernels for other shapes (TF32 included): equal up to rounding.
     assert float((alone[0] - beside[1, : 30 * 2048]).abs().max()) < 1e-3 * peak
+
+
+@pytest.mark.parametrize("dilation", [1, 9])
+def test_snake_depthwise_snake_kernel_equals_the_torch_formulation(dilation):
+    import torch
+    from snac.layers import ResidualUnit
+
+    from fastmaya_cli import snac_fused
+
+    torch.manual_seed(0)
+    unit = ResidualUnit(48, dilation=dilation, groups=48)
+    with torch.no_grad():
+        unit.block[0].alpha.uniform_(0.3, 3.0)
+        unit.block[2].alpha.uniform_(0.3, 3.0)
+    snac_fused.bake_weight_norm(unit)
+    x = torch.randn(3, 48, 5000) * 2  # 5000: not a whole number of kernel blocks
+    expected = torch.empty_like(x)
+    with torch.no_grad():
+        snac_fused.snake_depthwise_snake(x, snac_fused.ResidualUnitWeights.of(unit), expected)
+        out = torch.zeros(3, 49, 5000, device="cuda")  # a strided view, as residual_unit passes it
+        snac_fused.snake_depthwise_snake(x.cuda(), snac_fused.ResidualUnitWeights.of(unit.cuda()), out[:, :48])
+    assert float((out[:, :48].cpu() - expected).abs().max()) < 1e-4 * float(expected.abs().max())
+    assert torch.count_nonzero(out[:, 48]) == 0  # nothing written past its rows
+
+
+def test_fused_snac_on_cuda_decodes_what_the_plain_snac_does():
+    import numpy as np
+    import torch
+
+    from fastmaya_cli.checkpoints import random_snac
+    from fastmaya_cli.codec import SnacDecoder
+    from fastmaya_cli.maya1 import Codes
+
+    path = random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False)
+    rng = np.random.default_rng(1)
+    chunks = [Codes(*(rng.integers(0, 4096, f * n) for n in (1, 2, 4))) for f in (30, 45)]
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # compare float32 with float32, not with TF32 convolutions
+    try:
+        expected, _ = SnacDecoder(path, "cuda", fused=False).decode(chunks, [3, 4])
+        got, _ = SnacDecoder(path, "cuda").decode(chunks, [3, 4])  # fused: the default on CUDA
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    peak = float(expected.abs().max())
+    assert peak > 1e-3 and float((got - expected).abs().max()) < 1e-4 * peak
