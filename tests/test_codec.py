@@ -148,3 +148,13 @@ def test_missing_codec_names_the_fix(tmp_path):
     with pytest.raises(RuntimeFailure) as error:
         SnacDecoder(tmp_path / "absent", "cpu")
     assert "absent" in error.value.problem and "--codec" in error.value.fix
+
+
+def test_codec_benchmark_reports_audio_seconds_per_second(tiny_snac):
+    from fastmaya_cli.codec import benchmark_codec
+
+    result = benchmark_codec(tiny_snac, "cpu", fused=True, batch=2, seconds=0.5, iterations=1)
+    assert result["device"] == "cpu" and result["fused"] is True and result["batch"] == 2
+    # 0.5 s is 5.86 frames: rounded to 6 frames of 2048 samples
+    assert result["seconds"] == pytest.approx(6 * 2048 / 24000, abs=1e-3)
+    assert result["audio_s_per_s"] == pytest.approx(2 * 6 * 2048 / 24000 / result["call_s"], rel=0.02)

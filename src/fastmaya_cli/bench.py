@@ -31,7 +31,7 @@ class BenchOptions:
     model: str | None = None
     data_dir: Path = Path("../shared/data")
     cache_dir: Path | None = None
-    stages: tuple[str, ...] = ("hf", "llm", "render", "novel-llm", "novel", "bs1", "upsampler")
+    stages: tuple[str, ...] = ("hf", "llm", "render", "novel-llm", "novel", "bs1", "upsampler", "codec")
     limit: int | None = None
     hf_batch: int = 64
     hf_chunks: int = 64
@@ -171,6 +171,7 @@ def run_bench(opts: BenchOptions) -> dict:
     import torch
 
     from .checkpoints import random_maya1, random_snac
+    from .codec import benchmark_codec
     from .upsample import benchmark_upsampler
 
     if not torch.cuda.is_available():
@@ -291,6 +292,13 @@ def run_bench(opts: BenchOptions) -> dict:
             report.setdefault("upsampler", []).append(row)
             print(json.dumps({"stage": "upsampler", **row}), flush=True)
 
+    if "codec" in opts.stages:
+        # SNAC alone, the CUDA path the renderer uses (fused) against SNAC's own modules (plain).
+        for fused in (False, True):
+            row = benchmark_codec(codec, "cuda", fused=fused)
+            report.setdefault("codec", []).append(row)
+            print(json.dumps({"stage": "codec", **row}), flush=True)
+
     _summarise(report, stages)
     _print_table(report)
     if opts.json_out:
@@ -315,6 +323,9 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
         summary["share_of_wall_outside_llm"] = round(
             max(0.0, 1 - llm.wall_s / render.wall_s * render.audio_s / llm.audio_s), 3
         )
+    codec = {row["fused"]: row["audio_s_per_s"] for row in report.get("codec", [])}
+    if True in codec and False in codec:
+        summary["codec_fused_over_plain"] = round(codec[True] / codec[False], 2)
     report["summary"] = summary
 
 
@@ -339,5 +350,10 @@ def _print_table(report: dict) -> None:
     console = Console(stderr=False)
     console.print(table)
     console.print(
-        {"startup": report["startup"], "summary": report.get("summary"), "upsampler": report.get("upsampler")}
+        {
+            "startup": report["startup"],
+            "summary": report.get("summary"),
+            "upsampler": report.get("upsampler"),
+            "codec": report.get("codec"),
+        }
     )

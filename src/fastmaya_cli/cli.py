@@ -186,7 +186,9 @@ def render(
     ] = 0.85,
     max_batch: Annotated[
         int | None,
-        typer.Option(help="Most chunks generated at once (LMDeploy: its size for the GPU, at most 512; hf 64 on GPU, 8 on CPU)."),
+        typer.Option(
+            help="Most chunks generated at once (LMDeploy: its size for the GPU, at most 512; hf 64 on GPU, 8 on CPU)."
+        ),
     ] = None,
     kv_cache: Annotated[
         KVCache, typer.Option(help="LMDeploy KV cache precision; int8 fits twice the batch.")
@@ -449,8 +451,8 @@ def bench(
     ] = Path("../shared/data"),
     cache_dir: Annotated[Path | None, typer.Option(help="Where to build the random checkpoint.")] = None,
     stages: Annotated[
-        str, typer.Option(help="Comma list: hf,llm,render,novel-llm,novel,bs1,upsampler.")
-    ] = "hf,llm,render,novel-llm,novel,bs1,upsampler",
+        str, typer.Option(help="Comma list: hf,llm,render,novel-llm,novel,bs1,upsampler,codec.")
+    ] = "hf,llm,render,novel-llm,novel,bs1,upsampler,codec",
     limit: Annotated[int | None, typer.Option(help="Render only the novel's first N chunks.")] = None,
     hf_batch: Annotated[int, typer.Option(help="Batch size of the hf anchor.")] = 64,
     hf_chunks: Annotated[
@@ -469,7 +471,7 @@ def bench(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Measure throughput on this GPU: hf anchor, LMDeploy LLM-only, full render, the novel (LLM only and
-    rendered), bs=1, upsampler."""
+    rendered), bs=1, upsampler, SNAC."""
     from .bench import BenchOptions, run_bench
 
     def work() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,3 +152,43 @@ class SnacDecoder:
         sample_ends = torch.tensor(lengths, device=self.device).view(-1, 1)
         audio = audio.masked_fill(torch.arange(audio.shape[-1], device=self.device) >= sample_ends, 0.0)
         return audio[:, : max(lengths)], lengths
+
+
+def benchmark_codec(
+    model: str | Path,
+    device: str | torch.device,
+    *,
+    fused: bool | None,
+    batch: int = 16,
+    seconds: float = 11.0,
+    iterations: int = 5,
+) -> dict[str, object]:
+    """Time SnacDecoder.decode on `batch` chunks of random codes, `seconds` long each (the renderer decodes
+    up to 16 chunks a call; a novel's chunks average about 11 s). Returns audio seconds per second."""
+    decoder = SnacDecoder(model, device, fused=fused)  # loads and warms up
+    frames = max(1, round(seconds * SNAC_RATE / SAMPLES_PER_FRAME))
+    rng = np.random.default_rng(0)
+    codes = [Codes(*(rng.integers(0, 4096, frames * n) for n in (1, 2, 4))) for _ in range(batch)]
+    seeds = list(range(batch))
+
+    def sync() -> None:
+        if decoder.device.type == "cuda":
+            torch.cuda.synchronize(decoder.device)
+
+    decoder.decode(codes, seeds)
+    sync()
+    best = math.inf
+    for _ in range(iterations):
+        started = time.perf_counter()
+        decoder.decode(codes, seeds)
+        sync()
+        best = min(best, time.perf_counter() - started)
+    audio_s = batch * frames * SAMPLES_PER_FRAME / SNAC_RATE
+    return {
+        "device": torch.cuda.get_device_name(decoder.device) if decoder.device.type == "cuda" else "cpu",
+        "fused": decoder.fused,
+        "batch": batch,
+        "seconds": round(audio_s / batch, 3),
+        "call_s": round(best, 4),
+        "audio_s_per_s": round(audio_s / best, 1),
+    }
