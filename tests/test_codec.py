@@ -158,3 +158,16 @@ def test_codec_benchmark_reports_audio_seconds_per_second(tiny_snac):
     # 0.5 s is 5.86 frames: rounded to 6 frames of 2048 samples
     assert result["seconds"] == pytest.approx(6 * 2048 / 24000, abs=1e-3)
     assert result["audio_s_per_s"] == pytest.approx(2 * 6 * 2048 / 24000 / result["call_s"], rel=0.02)
+
+
+def test_a_decoder_not_laid_out_as_snac_falls_back_to_its_own_modules(tiny_snac, monkeypatch):
+    def refuse(unit):
+        raise ValueError("not a SNAC residual unit")
+
+    monkeypatch.setattr(snac_fused.ResidualUnitWeights, "of", staticmethod(refuse))
+    with pytest.raises(ValueError):
+        SnacDecoder(tiny_snac, "cpu", fused=True)  # asked for explicitly: the error shows
+    monkeypatch.setattr("fastmaya_cli.codec.fused_by_default", lambda device: True)  # as on CUDA
+    decoder = SnacDecoder(tiny_snac, "cpu")  # the default: falls back to SNAC's own modules
+    assert decoder.fused is False
+    assert not any(hasattr(m, "fused_weights") for m in decoder.model.modules())

@@ -92,6 +92,11 @@ def load_snac(model: str | Path, device: torch.device):  # noqa: ANN201 - snac.S
     return snac.to(device).eval()
 
 
+def fused_by_default(device: torch.device) -> bool:
+    """snac_fused's formulation pays off on a GPU; on the CPU SNAC's own modules are as fast."""
+    return device.type == "cuda"
+
+
 class SnacDecoder:
     """Loads SNAC once; decodes padded batches of chunks and trims each to frames x 2048 samples.
 
@@ -108,13 +113,19 @@ class SnacDecoder:
         *,
         fused: bool | None = None,
     ) -> None:
-        """`fused` (default: on CUDA) runs the decoder's residual units and noise blocks as in snac_fused."""
+        """`fused` runs the decoder's residual units and noise blocks as in snac_fused. By default it is on
+        on CUDA, unless the decoder's residual units are not laid out as the snac package's are."""
         self.device = torch.device(device)
         self.model = load_snac(model, self.device)
         snac_fused.bake_weight_norm(self.model)
-        self.fused = self.device.type == "cuda" if fused is None else fused
+        self.fused = fused_by_default(self.device) if fused is None else fused
         if self.fused:
-            snac_fused.use_fused_residual_units(self.model.decoder)
+            try:
+                snac_fused.use_fused_residual_units(self.model.decoder)
+            except ValueError:
+                if fused:
+                    raise
+                self.fused = False  # SNAC's own modules still decode it, only slower
         self._seeds = torch.zeros(1, dtype=torch.int64, device=self.device)
         layer = 0
         for module in self.model.modules():

@@ -149,14 +149,16 @@ def noise_block(x: torch.Tensor, noise: torch.Tensor, linear: torch.Tensor) -> t
 
 
 def use_fused_residual_units(decoder: nn.Module) -> int:
-    """Run every ResidualUnit of SNAC's decoder through `residual_unit`; returns how many there were."""
-    count = 0
-    for module in decoder.modules():
-        if type(module).__name__ == "ResidualUnit":
-            module.fused_weights = ResidualUnitWeights.of(module)
-            module.forward = types.MethodType(lambda unit, x: residual_unit(unit.fused_weights, x), module)
-            count += 1
-    return count
+    """Run every ResidualUnit of SNAC's decoder through `residual_unit`; returns how many there were.
+
+    Raises ValueError, and changes nothing, when a unit does not have SNAC's layout.
+    """
+    units = [module for module in decoder.modules() if type(module).__name__ == "ResidualUnit"]
+    weights = [ResidualUnitWeights.of(unit) for unit in units]
+    for unit, unit_weights in zip(units, weights, strict=True):
+        unit.fused_weights = unit_weights
+        unit.forward = types.MethodType(lambda self, x: residual_unit(self.fused_weights, x), unit)
+    return len(units)
 
 
 if triton is not None:
