@@ -1,7 +1,7 @@
 """SNAC's decoder with fewer passes over GPU memory: the same arithmetic, regrouped.
 
 Profiling SNAC 24 kHz's decoder on an H100 (16 chunks of 11 s a call) showed it bound by memory traffic,
-not arithmetic: its activations at 24 kHz are as large as the audio times 64 channels, and every step of
+not arithmetic: its activations at 24 kHz are as large as the audio times 48 channels, and every step of
 every residual unit read and wrote all of it. Half the time went to the twelve residual units' Snake
 activations and depthwise convolutions (PyTorch's generic depthwise kernel, at half of memory speed), most
 of the rest to residual adds and to cuDNN's layout changes around each 1x1 convolution.
