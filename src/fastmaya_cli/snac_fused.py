@@ -47,11 +47,6 @@ def bake_weight_norm(model: nn.Module) -> None:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
-def snake(x: torch.Tensor, alpha: torch.Tensor, inv_alpha: torch.Tensor) -> torch.Tensor:
-    """SNAC's Snake1d with per-channel alpha [C] and 1 / (alpha + 1e-9) precomputed."""
-    return x + inv_alpha.view(-1, 1) * torch.sin(alpha.view(-1, 1) * x).pow(2)
-
-
 @dataclass(frozen=True)
 class ResidualUnitWeights:
     """One SNAC ResidualUnit (Snake, depthwise conv k7, Snake, 1x1 conv), per channel, float32."""
@@ -122,15 +117,17 @@ def snake_depthwise_snake(x: torch.Tensor, weights: ResidualUnitWeights, out: to
             num_warps=WARPS,
         )
         return
+    from snac.layers import snake  # SNAC's own activation, for the path without Triton
+
     hidden = F.conv1d(
-        snake(x, weights.alpha_in, weights.inv_alpha_in),
+        snake(x, weights.alpha_in.view(1, -1, 1)),
         weights.taps.unsqueeze(1),
         weights.tap_bias,
         padding=3 * weights.dilation,
         dilation=weights.dilation,
         groups=x.shape[1],
     )
-    out.copy_(snake(hidden, weights.alpha_out, weights.inv_alpha_out))
+    out.copy_(snake(hidden, weights.alpha_out.view(1, -1, 1)))
 
 
 def residual_unit(weights: ResidualUnitWeights, x: torch.Tensor) -> torch.Tensor:
