@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -101,3 +102,34 @@ def test_out_of_memory_splits_the_batch_and_keeps_every_chunk():
     assert sorted(decoder.calls) == [1, 1, 1, 1, 2, 2, 4]  # halved until each part fits
     with pytest.raises(torch.OutOfMemoryError):
         decode_and_upsample(_Decoder(limit=0), _identity, codes[:1], seeds=[0])
+
+
+def test_render_reports_how_long_decoding_ran_on_after_generation(
+    tiny_model, tiny_snac, tmp_path, monkeypatch
+):
+    from fastmaya_cli import render
+    from fastmaya_cli.assemble import OutputSpec
+    from fastmaya_cli.engines.scripted import ScriptedEngine
+    from fastmaya_cli.progress import Progress
+
+    real = render.decode_and_upsample
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(0.3)  # every batch; the scripted engine finishes at once, so all of this is tail
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(render, "decode_and_upsample", slow_decode)
+    options = render.RenderOptions(
+        voice="Calm narrator",
+        engine=render.EngineOptions(kind="scripted", model=str(tiny_model)),
+        codec=str(tiny_snac),
+        upsampler="resample",
+        fixed_length=True,
+        max_new_tokens=70,
+    )
+    book = tmp_path / "book.txt"
+    book.write_text("The tide came in. The boats lifted.\n")
+    renderer = render.Renderer(options, Progress("none"), engine=ScriptedEngine())
+    result = renderer.render(book, OutputSpec(path=tmp_path / "book.flac", format="flac", loudness="off"))
+    assert result.tail_decoding_s >= 0.29
+    assert result.decode_tail_s >= result.tail_decoding_s

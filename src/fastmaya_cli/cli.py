@@ -454,6 +454,9 @@ def bench(
         str, typer.Option(help="Comma list: hf,llm,render,novel-llm,novel,bs1,upsampler,codec.")
     ] = "hf,llm,render,novel-llm,novel,bs1,upsampler,codec",
     limit: Annotated[int | None, typer.Option(help="Render only the novel's first N chunks.")] = None,
+    repeat: Annotated[
+        int, typer.Option(min=1, help="Passes over the travel text (LLM only, render); the median is kept.")
+    ] = 3,
     hf_batch: Annotated[int, typer.Option(help="Batch size of the hf anchor.")] = 64,
     hf_chunks: Annotated[
         int, typer.Option(help="Chunks of the travel text for the hf anchor (it is slow).")
@@ -482,6 +485,7 @@ def bench(
                 cache_dir=cache_dir,
                 stages=tuple(s.strip() for s in stages.split(",")),
                 limit=limit,
+                repeat=repeat,
                 hf_batch=hf_batch,
                 hf_chunks=hf_chunks,
                 max_batch=max_batch,

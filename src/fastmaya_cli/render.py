@@ -108,6 +108,7 @@ class RenderResult:
     startup_s: float = 0.0
     plan_s: float = 0.0  # reading, cleaning and chunking the text
     decode_tail_s: float = 0.0  # decoding and assembling what was left once the engine finished
+    tail_decoding_s: float = 0.0  # the part of decode_tail_s until the decoder's last batch was done
     finish_s: float = 0.0  # loudness gain and the final encode, after the last chunk
 
 
@@ -410,6 +411,7 @@ class Renderer:
             generate_s=generated - started,
             startup_s=sum(self.startup.values()),
             decode_tail_s=decoded - generated,
+            tail_decoding_s=max(0.0, worker.last_decoded_at - generated),
             finish_s=finished - decoded,
         )
 
@@ -546,6 +548,7 @@ class DecodeWorker:
         self.assembler = assembler
         self.titles = {c.index: c.title for c in book.chapters}
         self.error: BaseException | None = None
+        self.last_decoded_at = 0.0  # perf_counter when the decoder handed over its last batch
         self._done: Future | None = None
 
     def start(self) -> None:
@@ -563,6 +566,7 @@ class DecodeWorker:
             with self.renderer.decode_stream():
                 while self.error is None and (batch := self.tracker.take(most)) is not None:
                     decoded.put(self._decode(batch))
+                    self.last_decoded_at = time.perf_counter()
         except BaseException as exc:  # handed to the main thread by join_checked
             self.error = exc
         finally:
