@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastmaya_cli import snac_fused
-from fastmaya_cli.codec import SnacDecoder, chunk_noise, load_snac
+from fastmaya_cli.codec import SnacDecoder, bucketed_rows, chunk_noise, load_snac
 from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.maya1 import Codes
 
@@ -47,6 +47,32 @@ def test_a_chunk_decodes_the_same_alone_or_beside_longer_chunks(tiny_snac):
     beside, _ = decoder.decode([long_, _codes(7, 2), short], [12, 13, 11])
     assert torch.allclose(alone[0], beside[2, : 5 * 2048], atol=1e-5)
     assert float(alone.abs().max()) > 1e-3  # real audio, not silence
+
+
+def test_bucketed_rows_round_up_to_few_sizes():
+    assert [bucketed_rows(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 64)] == [1, 2, 4, 8, 8, 16, 16, 24, 64]
+
+
+def test_bucketed_batches_decode_what_exact_ones_do(tiny_snac, monkeypatch):
+    """On CUDA a batch is rounded up to a few shapes (extra silent rows, a wider padding): same audio."""
+    shapes: dict[bool, tuple[int, ...]] = {}
+    decoders = {flag: SnacDecoder(tiny_snac, "cpu", bucketed=flag) for flag in (False, True)}
+    for flag, decoder in decoders.items():
+        real = decoder.model.decoder.forward
+
+        def spy(latent, flag=flag, real=real):
+            shapes[flag] = tuple(latent.shape)
+            return real(latent)
+
+        monkeypatch.setattr(decoder.model.decoder, "forward", spy)
+    batch, seeds = [_codes(5, 0), _codes(9, 1), _codes(7, 2)], [4, 5, 6]
+    want, want_lengths = decoders[False].decode(batch, seeds)
+    got, lengths = decoders[True].decode(batch, seeds)
+    assert shapes[False][0] == 3 and shapes[True][0] == 4  # 3 chunks decoded as 4 rows
+    assert shapes[True][-1] * 13 == shapes[False][-1] * 16  # 9 + 4 frames of right context, up to 16
+    assert lengths == want_lengths and got.shape == want.shape == (3, 9 * 2048)
+    assert float(want.abs().max()) > 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_baking_weight_norm_keeps_every_weight(tiny_snac):

@@ -284,6 +284,25 @@ def test_padded_batch_equals_items_alone(generator, excerpt):
     assert torch.all(out[1, 2 * len(short) :] == 0)
 
 
+def test_groups_padded_with_silent_windows_give_the_same_audio(generator, excerpt):
+    """On CUDA each group of windows is rounded up to a multiple of 8 so its shape repeats."""
+    seen: list[int] = []
+
+    def counting(audio_16k: torch.Tensor) -> torch.Tensor:
+        seen.append(audio_16k.shape[0])
+        return generator(audio_16k)
+
+    audio = torch.from_numpy(excerpt)[None]
+    plain = SpeechSRUpsampler(generator, device="cpu", segment_core=4_800, max_segments=3)
+    padded = SpeechSRUpsampler(counting, device="cpu", segment_core=4_800, max_segments=3, group_step=4)
+    with torch.inference_mode():
+        expected, lengths = plain(audio, [len(excerpt)])
+        got, padded_lengths = padded(audio, [len(excerpt)])
+    assert seen and all(rows == 4 for rows in seen)  # 3 windows a group, each padded to 4
+    assert padded_lengths == lengths and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
 def test_low_band_is_snacs_audio_resampled(excerpt):
     """With a generator that adds nothing, the merge returns exactly the resampled SNAC audio."""
     audio = torch.from_numpy(excerpt * 0.5)[None]

@@ -260,8 +260,10 @@ class SpeechSRUpsampler:
         max_segments: int = 8,
         segment_core: int = SEGMENT_CORE_24K,
         segment_margin: int = SEGMENT_MARGIN_24K,
+        group_step: int = 1,
     ) -> None:
-        """`generator` maps [n, 16 kHz samples] to [n, 3x samples]."""
+        """`generator` maps [n, 16 kHz samples] to [n, 3x samples]. Each group of windows is padded with
+        silent ones to a multiple of `group_step` (see codec.WIDTH_STEP_FRAMES for why, on CUDA)."""
         if segment_core % 6 or segment_margin % 3 or segment_core <= 0:
             # Multiples of 3 keep the 16 kHz grid; an even window keeps the spectrum mirroring simple.
             raise ValueError("the segment core must be a positive multiple of 6, the margin a multiple of 3")
@@ -273,6 +275,7 @@ class SpeechSRUpsampler:
         self.device = torch.device(device)
         self.model_dtype = model_dtype
         self.max_segments = max_segments
+        self.group_step = group_step
         self.core = segment_core
         self.margin = segment_margin
         self.window = segment_core + 2 * segment_margin
@@ -293,11 +296,18 @@ class SpeechSRUpsampler:
         rows = torch.tensor([b for b, count in enumerate(counts) for _ in range(count)], device=self.device)
         columns = torch.tensor([j for count in counts for j in range(count)], device=self.device)
         segments = windows[rows, columns]
-        cores = torch.cat([self._process(group) for group in segments.split(self.max_segments)])
+        cores = torch.cat([self._process_padded(group) for group in segments.split(self.max_segments)])
         out = audio.new_zeros(batch, most, 2 * self.core)
         out[rows, columns] = cores
         out = out.reshape(batch, most * 2 * self.core)[:, : 2 * samples]
         return _zero_beyond(out, doubled), doubled
+
+    def _process_padded(self, segments: torch.Tensor) -> torch.Tensor:
+        count = segments.shape[0]
+        extra = -count % self.group_step
+        if extra:
+            segments = F.pad(segments, (0, 0, 0, extra))
+        return self._process(segments)[:count]
 
     def _process(self, segments: torch.Tensor) -> torch.Tensor:
         """[n, window] at 24 kHz -> [n, 2 * core] at 48 kHz (the windows' cores only)."""
@@ -480,7 +490,11 @@ def speechsr_upsampler(
         generator.use_fusable_activations(True)
         run = _compiled_for_any_batch(generator)
     upsampler = SpeechSRUpsampler(
-        _inference(run), device=device, model_dtype=dtype, max_segments=64 if on_cuda else 4
+        _inference(run),
+        device=device,
+        model_dtype=dtype,
+        max_segments=64 if on_cuda else 4,
+        group_step=8 if on_cuda else 1,
     )
     if compile:
         noise = _speech_like_noise(
