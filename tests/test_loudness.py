@@ -87,6 +87,15 @@ def test_parse_summary_reads_the_final_figures_not_the_running_ones() -> None:
     assert parse_ebur128_summary(SUMMARY) == Measurement(-16.1, 0.4)
 
 
+def test_parse_summary_without_the_peak_meter() -> None:
+    """The render's meter runs without its true-peak half; its summary then has no peak to read."""
+    loudness_only = SUMMARY[: SUMMARY.index("  True peak:")]
+    measured = parse_ebur128_summary(loudness_only, true_peak=False)
+    assert measured.integrated_lufs == -16.1 and math.isnan(measured.true_peak_dbtp)
+    with pytest.raises(ValueError):
+        parse_ebur128_summary(loudness_only)  # a peak was asked for
+
+
 def test_parse_summary_of_silence_gives_minus_infinity() -> None:
     silent = SUMMARY.replace("-16.1 LUFS", "-70.0 LUFS").replace("0.4 dBFS", "-inf dBFS")
     measured = parse_ebur128_summary(silent)

@@ -28,10 +28,12 @@ chapter begins at 0.
 Streaming: only samples a later segment may still overlap stay in memory (between calls to ``add`` at most
 F samples; during one, that segment plus its pause). Everything before is appended at once to a hidden
 24-bit FLAC file beside the output (stored 12 dB down, so sums above full scale survive; about 0.3 GB per
-hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meter. ``finish`` measures nothing
-more: it reads that file back once per output, applies the one global gain, encodes to a hidden temporary
-name beside the final one, and only when every file (audio, manifest, subtitles) is complete moves them
-into place with ``os.replace``. With ``split_chapters`` the chapter files are encoded in parallel.
+hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meter, which measures loudness only.
+``finish`` measures the true peak from that file, in parts at once, reads it back once per output, applies
+the one global gain, encodes to a hidden temporary name beside the final one, and only when every file
+(audio, manifest, subtitles) is complete moves them into place with ``os.replace``. With
+``split_chapters`` the chapter files are encoded in parallel; one m4b, m4a or mp3 file is encoded in parts
+at once, cut in silence and joined without encoding again (see ``split_encode``).
 
 Direct: a single FLAC file with loudness off needs no gain, so there is nothing to wait for. The
 timeline is then encoded straight into the output's temporary file as it is emitted: no intermediate,
@@ -50,10 +52,11 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -72,6 +75,7 @@ from fastmaya_cli.outputs import (
     FfmpegWriter,
     OutputSpec,
     SoundfileWriter,
+    StreamCodec,
     book_tags,
     chapter_file_name,
     check_output,
@@ -84,11 +88,20 @@ from fastmaya_cli.outputs import (
     remove_quietly,
     require_ffmpeg,
     reserve_temp,
+    stream_codec_for,
     subtitle_kind,
     subtitles_text,
     to_pcm,
     write_failure,
     write_text_file,
+)
+from fastmaya_cli.split_encode import (
+    MEASURE_MARGIN,
+    available_cpus,
+    part_count,
+    part_sources,
+    plan_cuts,
+    silent_cuts,
 )
 
 __all__ = [
@@ -113,6 +126,7 @@ BOUNDARIES = ("clause", "sentence", "paragraph", "heading", "chapter", "end")
 # The intermediate file stores samples 12 dB down, so a mix up to 4x full scale is kept unclipped.
 _HEADROOM = 0.25
 _READ_BLOCK = 1 << 18  # samples per read when encoding (about 5 s at 48 kHz)
+_COPY_BLOCK = 1 << 20  # bytes per read when joining encoded parts
 _ZERO_BLOCK = 1 << 16
 
 
@@ -267,7 +281,14 @@ class Assembler:
     removed and no output is left behind, complete or partial.
     """
 
-    def __init__(self, spec: OutputSpec, pauses: Pauses = Pauses()) -> None:  # noqa: B008 - frozen default
+    def __init__(
+        self,
+        spec: OutputSpec,
+        pauses: Pauses = Pauses(),  # noqa: B008 - frozen default
+        *,
+        encode_workers: int | None = None,
+    ) -> None:
+        """``encode_workers``: encoders run at once when finishing (default: the CPUs this process may use)."""
         if spec.format not in FORMATS:
             raise ValueError(f"unknown format {spec.format!r}")
         self.spec = spec
@@ -280,6 +301,7 @@ class Assembler:
         self._head = round(pauses.head * spec.sample_rate)
         self._tail = round(pauses.tail * spec.sample_rate)
         self._fades: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._encode_workers = max(1, encode_workers or available_cpus())
 
         self._state = "new"  # new -> open -> finished | failed
         self._work_dir: Path | None = None
@@ -491,7 +513,8 @@ class Assembler:
         except (sf.LibsndfileError, OSError) as error:
             raise write_failure(self._shown_name(), error) from error
         if self._target is not None:
-            self._meter = LoudnessMeter(require_ffmpeg("it measures loudness"), self.sample_rate)
+            ffmpeg = require_ffmpeg("it measures loudness")
+            self._meter = LoudnessMeter(ffmpeg, self.sample_rate, true_peak=False)  # see _true_peak_dbtp
         self._emit_zeros(self._head)
 
     def _reserve(self, suffix: str, name: str | None = None) -> Path:
@@ -576,6 +599,8 @@ class Assembler:
         warnings: list[str] = []
         measured = self._meter.result() if self._meter is not None else None
         self._meter = None
+        if measured is not None:
+            measured = replace(measured, true_peak_dbtp=self._true_peak_dbtp(total))
         gain_db = global_gain_db(measured, self._target) if measured and self._target else 0.0
         loudness = report_for(spec.loudness, measured, gain_db)
         factor = 10 ** (gain_db / 20) / _HEADROOM
@@ -706,12 +731,20 @@ class Assembler:
 
     def _render_all(self, outputs: list[_Output], factor: float, cover: Path | None) -> None:
         if len(outputs) == 1:
-            self._render(outputs[0], factor, cover)
+            plan = self._split_plan(outputs[0])
+            if plan is None:
+                self._render(outputs[0], factor, cover)
+            else:
+                self._render_in_parts(outputs[0], factor, cover, *plan)
             return
         # Encoders run on one core each; with one file per chapter, encode several chapters at once.
-        workers = min(len(outputs), os.cpu_count() or 1)
+        self._run_all([partial(self._render, output, factor, cover) for output in outputs])
+
+    def _run_all(self, tasks: list[Callable[[], None]]) -> None:
+        """Run the tasks on up to ``encode_workers`` threads; the first failure cancels the rest."""
+        workers = min(len(tasks), self._encode_workers)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastmaya-encode") as pool:
-            futures = [pool.submit(self._render, output, factor, cover) for output in outputs]
+            futures = [pool.submit(task) for task in tasks]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException:  # interrupted: the workers stop at their next block
@@ -729,8 +762,7 @@ class Assembler:
         shown = output.final if output.final is not None else "stdout"
         writer: AudioWriter
         if self._format.needs_ffmpeg:
-            metadata = self._reserve(".ffmeta")
-            write_text_file(metadata, ffmetadata(output.tags, output.chapters, self.sample_rate), shown)
+            metadata = self._metadata_file(output, shown)
             ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
             writer = FfmpegWriter(
                 ffmpeg, output.temp, self._format, self.sample_rate, self.spec.bitrate, metadata, cover, shown
@@ -745,19 +777,113 @@ class Assembler:
                 output.tags,
                 shown,
             )
-        assert self._intermediate_path is not None
+        self._encode_range(writer, output.start_sample, output.end_sample, factor)
+        _make_durable(output.temp, shown)
+
+    def _metadata_file(self, output: _Output, shown: Path | str) -> Path:
+        metadata = self._reserve(".ffmeta")
+        write_text_file(metadata, ffmetadata(output.tags, output.chapters, self.sample_rate), shown)
+        return metadata
+
+    def _encode_range(self, writer: AudioWriter, start: int, stop: int, factor: float) -> None:
+        """Feed samples ``[start, stop)`` of the intermediate file, times ``factor``, to the writer."""
         try:
-            with sf.SoundFile(str(self._intermediate_path)) as source:
-                source.seek(output.start_sample)
-                remaining = output.end_sample - output.start_sample
-                while remaining > 0:
-                    if self._cancel.is_set():
-                        raise RuntimeError("cancelled")
-                    block = source.read(min(_READ_BLOCK, remaining), dtype="float32")
-                    if len(block) == 0:
-                        raise RuntimeError("intermediate file ended early")
-                    writer.write(block * np.float32(factor))
-                    remaining -= len(block)
+            self._read_range(start, stop, lambda block: writer.write(block * np.float32(factor)))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _read_range(self, start: int, stop: int, sink: Callable[[np.ndarray], None]) -> None:
+        """Pass samples ``[start, stop)`` of the intermediate file to ``sink``, a block at a time."""
+        assert self._intermediate_path is not None
+        with sf.SoundFile(str(self._intermediate_path)) as source:
+            source.seek(start)
+            remaining = stop - start
+            while remaining > 0:
+                if self._cancel.is_set():
+                    raise RuntimeError("cancelled")
+                block = source.read(min(_READ_BLOCK, remaining), dtype="float32")
+                if len(block) == 0:
+                    raise RuntimeError("intermediate file ended early")
+                sink(block)
+                remaining -= len(block)
+
+    def _true_peak_dbtp(self, total: int) -> float:
+        """The book's true peak, from the intermediate file, measured in parts at once.
+
+        The meter that runs while the book is assembled measures loudness only: its true-peak half would
+        make it slower than an H100 renders speech. Each part here is cut in silence, so every meter
+        starts from the silence its resampler assumes and the largest part's peak is the book's.
+        """
+        ffmpeg = require_ffmpeg("it measures loudness")
+        parts = part_count(total, self.sample_rate, self._encode_workers)
+        cuts = silent_cuts(total, self._silences(total), parts, 1, MEASURE_MARGIN, MEASURE_MARGIN)
+        bounds = [0, *cuts, total]
+        peaks = [-math.inf] * (len(bounds) - 1)
+
+        def measure(index: int) -> None:
+            meter = LoudnessMeter(ffmpeg, self.sample_rate)
+            try:
+                self._read_range(bounds[index], bounds[index + 1], meter.feed)
+            except BaseException:
+                meter.abort()
+                raise
+            peaks[index] = meter.result().true_peak_dbtp
+
+        self._run_all([partial(measure, index) for index in range(len(peaks))])
+        return max(peaks) - 20 * math.log10(_HEADROOM)  # the file holds the book 12 dB down
+
+    def _split_plan(self, output: _Output) -> tuple[StreamCodec, list[int]] | None:
+        """The codec and cuts to encode this one output in parts with (see ``split_encode``), if any."""
+        codec = stream_codec_for(self._format, self.sample_rate)
+        if codec is None or self._encode_workers < 2 or output.start_sample != 0:
+            return None
+        total = output.end_sample
+        parts = part_count(total, self.sample_rate, self._encode_workers)
+        cuts = plan_cuts(total, self._silences(total), parts, codec)
+        return (codec, cuts) if cuts else None
+
+    def _silences(self, total: int) -> list[tuple[int, int]]:
+        """The sample ranges of the timeline no segment reaches: there it is digital silence."""
+        silences = []
+        reached = 0
+        for record in self._chunks:
+            if record.start_sample > reached:
+                silences.append((reached, record.start_sample))
+            reached = max(reached, record.end_sample)
+        if total > reached:
+            silences.append((reached, total))
+        return silences
+
+    def _render_in_parts(
+        self, output: _Output, factor: float, cover: Path | None, codec: StreamCodec, cuts: list[int]
+    ) -> None:
+        """Encode the parts between the cuts at once, then join them into the output's container."""
+        shown = output.final if output.final is not None else "stdout"
+        ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
+        sources = part_sources(cuts, output.end_sample, codec)
+        parts = [self._reserve(f".part{index}.{codec.muxer}") for index in range(len(sources))]
+
+        def encode(index: int) -> None:
+            if self._cancel.is_set():
+                return
+            writer = FfmpegWriter.bare_stream(
+                ffmpeg, parts[index], self._format, codec, self.sample_rate, self.spec.bitrate, shown
+            )
+            self._encode_range(writer, *sources[index], factor)
+
+        self._run_all([partial(encode, index) for index in range(len(parts))])
+        metadata = self._metadata_file(output, shown)
+        writer = FfmpegWriter.remux(ffmpeg, output.temp, self._format, codec, metadata, cover, shown)
+        try:
+            for part in parts:
+                with part.open("rb") as stream:
+                    while block := stream.read(_COPY_BLOCK):
+                        if self._cancel.is_set():
+                            raise RuntimeError("cancelled")
+                        writer.write_bytes(block)
+                remove_quietly(part)  # the joined copy replaces it: give the disk back now
             writer.close()
         except BaseException:
             writer.abort()

@@ -1,4 +1,5 @@
-"""`fastmaya bench`: throughput of each stage on this machine's GPU, measured in one run.
+"""`fastmaya bench`: throughput of each stage on this machine's GPU, measured in one run; and the CPU's
+``finish`` stage, the m4b encode after the last chunk, in one piece against in parts.
 
 Without --model it builds (or reuses) a checkpoint of Maya1's exact architecture with random
 weights. Random weights never emit the stop id, so every chunk's length is fixed from its text at
@@ -14,16 +15,26 @@ import json
 import platform
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from . import maya1
 from .errors import InputError
 from .progress import Progress
 
+if TYPE_CHECKING:
+    from .assemble import Segment
+
 TRAVEL = "travel_145_sentences.txt"
 NOVEL = "pride_and_prejudice.txt"
+SPEECH_48K = "fastmaya1_flashsr_48k.wav"
 BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
+GPU_STAGES = frozenset({"hf", "llm", "render", "novel-llm", "novel", "bs1", "upsampler", "codec"})
+CPU_STAGES = frozenset({"finish"})
 
 
 @dataclass(frozen=True)
@@ -31,8 +42,21 @@ class BenchOptions:
     model: str | None = None
     data_dir: Path = Path("../shared/data")
     cache_dir: Path | None = None
-    stages: tuple[str, ...] = ("hf", "llm", "render", "novel-llm", "novel", "bs1", "upsampler", "codec")
+    stages: tuple[str, ...] = (
+        "hf",
+        "llm",
+        "render",
+        "novel-llm",
+        "novel",
+        "bs1",
+        "upsampler",
+        "codec",
+        "finish",
+    )
     limit: int | None = None
+    finish_minutes: float = 60.0  # of audio, for the finish stage
+    render_format: str = "flac"  # of the render stages' output
+    render_loudness: str = "off"  # and its loudness (anything but off needs ffmpeg)
     repeat: int = 3  # passes over the travel text, LLM only and rendered
     hf_batch: int = 64
     hf_chunks: int = 64
@@ -140,11 +164,12 @@ def _run_llm(renderer, chunks, stage: str, engine_name: str) -> StageResult:  # 
     return StageResult(stage, engine_name, len(requests), tokens, audio, wall, memory.gib)
 
 
-def _run_render(renderer, source: Path, output: Path, stage: str, engine_name: str) -> StageResult:  # noqa: ANN001
+def _run_render(  # noqa: ANN001
+    renderer, source: Path, output: Path, stage: str, engine_name: str, loudness: str = "off"
+) -> StageResult:
     from .assemble import OutputSpec
 
-    # Loudness needs ffmpeg, which the GPU machine lacks; it runs on a CPU core beside the render.
-    spec = OutputSpec(path=output, format=output.suffix.lstrip("."), loudness="off")
+    spec = OutputSpec(path=output, format=output.suffix.lstrip("."), loudness=loudness)
     with MemoryPeak() as memory:
         started = time.perf_counter()
         result = renderer.render(source, spec)
@@ -186,7 +211,116 @@ def median_pass(passes: list[StageResult]) -> StageResult:
     )
 
 
+def finish_book(speech: np.ndarray, seconds: float, seed: int = 0) -> list[Segment]:
+    """A book of ``seconds`` of real speech: sentences of 2 to 6 s cut from ``speech`` at random, with
+    a paragraph every fourth sentence and a chapter every fortieth."""
+    from .assemble import Segment
+
+    rng = np.random.default_rng(seed)
+    segments: list[Segment] = []
+    total = 0.0
+    while total < seconds:
+        length = min(len(speech), int(rng.uniform(2.0, 6.0) * 48000))
+        start = int(rng.integers(0, len(speech) - length + 1))
+        index = len(segments)
+        boundary = "chapter" if index % 40 == 39 else ("paragraph" if index % 4 == 3 else "sentence")
+        chapter = 1 + index // 40
+        text = f"Sentence {index}."
+        segments.append(Segment(index, speech[start : start + length], boundary, chapter, None, text))
+        total += length / 48000
+    return segments
+
+
+def run_finish(data_dir: Path, out_dir: Path, minutes: float, workers: int) -> list[dict]:
+    """The finish of an m4b with loudness on (the default render) over ``minutes`` of real speech:
+    encoded in one piece, then in parts by ``workers`` encoders. CPU only."""
+    import soundfile as sf
+
+    from .assemble import Assembler, BookInfo, OutputSpec
+
+    speech, rate = sf.read(str(data_dir / SPEECH_48K), dtype="float32", always_2d=True)
+    if rate != 48000:
+        raise InputError(f"{SPEECH_48K} is {rate} Hz, not 48 kHz.", "Pass --data-dir with the real data.")
+    book = finish_book(speech[:, 0], minutes * 60)
+    rows = []
+    for encoders in dict.fromkeys((1, workers)):
+        path = out_dir / f"finish-{encoders}.m4b"
+        spec = OutputSpec(path, "m4b", loudness="acx", info=BookInfo("Bench", "fastmaya", None, None, None))
+        with Assembler(spec, encode_workers=encoders) as assembler:
+            started = time.perf_counter()
+            for segment in book:
+                assembler.add(segment)
+            added = time.perf_counter()
+            result = assembler.finish()
+            finished = time.perf_counter()
+        finish_s = finished - added
+        rows.append(
+            {
+                "format": "m4b",
+                "loudness": "acx",
+                "encoders": encoders,
+                "audio_s": round(result.duration, 1),
+                "add_s": round(added - started, 2),
+                "finish_s": round(finish_s, 2),
+                "finish_audio_s_per_s": round(result.duration / finish_s, 1),
+            }
+        )
+    return rows
+
+
+def _cpu_name() -> str:
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def run_bench(opts: BenchOptions) -> dict:
+    unknown = set(opts.stages) - GPU_STAGES - CPU_STAGES
+    if unknown:
+        raise InputError(
+            f"unknown bench stage(s): {', '.join(sorted(unknown))}.",
+            f"Choose from {','.join(sorted(GPU_STAGES | CPU_STAGES))}.",
+        )
+    if GPU_STAGES & set(opts.stages):
+        report = _run_gpu_stages(opts)
+    else:
+        report = {"date": datetime.date.today().isoformat(), "stages": [], "startup": {}}
+    if "finish" in opts.stages:
+        _add_finish(report, opts)
+    _print_table(report)
+    if opts.json_out:
+        opts.json_out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _add_finish(report: dict, opts: BenchOptions) -> None:
+    from .outputs import find_ffmpeg
+    from .split_encode import available_cpus
+
+    workers = available_cpus()
+    report.update(cpu=_cpu_name(), cpus=workers)
+    if find_ffmpeg() is None:
+        report["finish_skipped"] = "ffmpeg is not on the PATH"
+        print(json.dumps({"stage": "finish", "skipped": report["finish_skipped"]}), flush=True)
+        return
+    if not (opts.data_dir / SPEECH_48K).exists():
+        raise InputError(
+            f"Benchmark audio {opts.data_dir / SPEECH_48K} is missing.",
+            "Pass --data-dir with the folder that holds it.",
+        )
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    rows = run_finish(opts.data_dir, opts.out_dir, opts.finish_minutes, workers)
+    for row in rows:
+        print(json.dumps({"stage": "finish", **row}), flush=True)
+    report["finish"] = rows
+    if len(rows) == 2:
+        summary = report.setdefault("summary", {})
+        summary["finish_parts_over_one_piece"] = round(rows[0]["finish_s"] / rows[1]["finish_s"], 2)
+
+
+def _run_gpu_stages(opts: BenchOptions) -> dict:
     import torch
 
     from .checkpoints import random_maya1, random_snac
@@ -196,7 +330,7 @@ def run_bench(opts: BenchOptions) -> dict:
     if not torch.cuda.is_available():
         raise InputError(
             "fastmaya bench measures a GPU, and no CUDA device is visible.",
-            "Run it on a machine with an NVIDIA GPU.",
+            "Run it on a machine with an NVIDIA GPU, or only the CPU stage: --stages finish.",
         )
     travel, novel = opts.data_dir / TRAVEL, opts.data_dir / NOVEL
     for needed in (travel, novel):
@@ -233,6 +367,7 @@ def run_bench(opts: BenchOptions) -> dict:
         "fixed_length": fixed,
         "stages": [],
         "startup": startup,
+        "render_output": {"format": opts.render_format, "loudness": opts.render_loudness},
     }
     stages: list[StageResult] = []
 
@@ -288,8 +423,9 @@ def run_bench(opts: BenchOptions) -> dict:
             if "llm" in opts.stages:
                 llm_passes.append(_run_llm(renderer, travel_chunks, "llm-travel", name))
             if "render" in opts.stages:
+                travel_out = opts.out_dir / f"travel.{opts.render_format}"
                 render_passes.append(
-                    _run_render(renderer, travel, opts.out_dir / "travel.flac", "render-travel", name)
+                    _run_render(renderer, travel, travel_out, "render-travel", name, opts.render_loudness)
                 )
         for passes in (llm_passes, render_passes):
             if passes:
@@ -306,7 +442,8 @@ def run_bench(opts: BenchOptions) -> dict:
             _, novel_chunks = novel_renderer.plan(novel)
             emit(_run_llm(novel_renderer, novel_chunks, "llm-novel", name))
         if "novel" in opts.stages:
-            emit(_run_render(novel_renderer, novel, opts.out_dir / "novel.flac", "render-novel", name))
+            novel_out = opts.out_dir / f"novel.{opts.render_format}"
+            emit(_run_render(novel_renderer, novel, novel_out, "render-novel", name, opts.render_loudness))
             pool_stats = getattr(renderer.engine, "stats", None)
             if callable(pool_stats):
                 report["per_gpu"] = pool_stats()
@@ -331,9 +468,6 @@ def run_bench(opts: BenchOptions) -> dict:
             print(json.dumps({"stage": "codec", **row}), flush=True)
 
     _summarise(report, stages)
-    _print_table(report)
-    if opts.json_out:
-        opts.json_out.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -364,7 +498,8 @@ def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"fastmaya bench: {report['device']} x{report['gpus']}, {report['date']}")
+    device = f"{report['device']} x{report['gpus']}" if "device" in report else report.get("cpu", "CPU")
+    table = Table(title=f"fastmaya bench: {device}, {report['date']}")
     for column in ("stage", "engine", "chunks", "tokens/s", "audio s/s", "RTF", "wall s", "peak GiB"):
         table.add_column(column)
     for row in report["stages"]:
@@ -379,12 +514,14 @@ def _print_table(report: dict) -> None:
             str(row["peak_gpu_gib"]),
         )
     console = Console(stderr=False)
-    console.print(table)
+    if report["stages"]:
+        console.print(table)
     console.print(
         {
             "startup": report["startup"],
             "summary": report.get("summary"),
             "upsampler": report.get("upsampler"),
             "codec": report.get("codec"),
+            "finish": report.get("finish"),
         }
     )

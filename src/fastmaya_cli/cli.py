@@ -451,9 +451,22 @@ def bench(
     ] = Path("../shared/data"),
     cache_dir: Annotated[Path | None, typer.Option(help="Where to build the random checkpoint.")] = None,
     stages: Annotated[
-        str, typer.Option(help="Comma list: hf,llm,render,novel-llm,novel,bs1,upsampler,codec.")
-    ] = "hf,llm,render,novel-llm,novel,bs1,upsampler,codec",
+        str,
+        typer.Option(
+            help="Comma list: hf,llm,render,novel-llm,novel,bs1,upsampler,codec (GPU) and finish (CPU only)."
+        ),
+    ] = "hf,llm,render,novel-llm,novel,bs1,upsampler,codec,finish",
     limit: Annotated[int | None, typer.Option(help="Render only the novel's first N chunks.")] = None,
+    render_format: Annotated[
+        str, typer.Option(help="Output format of the render stages (m4b and mp3 need ffmpeg).")
+    ] = "flac",
+    render_loudness: Annotated[
+        Loudness, typer.Option(help="Loudness of the render stages' output (acx and podcast need ffmpeg).")
+    ] = Loudness.off,
+    finish_minutes: Annotated[
+        float,
+        typer.Option(min=1.0, help="Minutes of real speech the finish stage encodes as an m4b."),
+    ] = 60.0,
     repeat: Annotated[
         int, typer.Option(min=1, help="Passes over the travel text (LLM only, render); the median is kept.")
     ] = 3,
@@ -474,7 +487,7 @@ def bench(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Measure throughput on this GPU: hf anchor, LMDeploy LLM-only, full render, the novel (LLM only and
-    rendered), bs=1, upsampler, SNAC."""
+    rendered), bs=1, upsampler, SNAC; and on the CPU, the m4b finish in one piece and in parts."""
     from .bench import BenchOptions, run_bench
 
     def work() -> int:
@@ -485,6 +498,9 @@ def bench(
                 cache_dir=cache_dir,
                 stages=tuple(s.strip() for s in stages.split(",")),
                 limit=limit,
+                finish_minutes=finish_minutes,
+                render_format=render_format,
+                render_loudness=render_loudness.value,
                 repeat=repeat,
                 hf_batch=hf_batch,
                 hf_chunks=hf_chunks,
