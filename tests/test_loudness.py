@@ -20,6 +20,7 @@ from fastmaya_cli.loudness import (
     LoudnessMeter,
     LoudnessReport,
     Measurement,
+    RangePeakMeters,
     global_gain_db,
     loudness_target,
     measure_file,
@@ -94,6 +95,31 @@ def test_parse_summary_without_the_peak_meter() -> None:
     assert measured.integrated_lufs == -16.1 and math.isnan(measured.true_peak_dbtp)
     with pytest.raises(ValueError):
         parse_ebur128_summary(loudness_only)  # a peak was asked for
+
+
+@needs_ffmpeg
+def test_range_meters_find_the_peak_of_the_whole_stream(speech: np.ndarray) -> None:
+    """Ranges end only where silence follows; the largest range's peak is the whole stream's."""
+    assert FFMPEG is not None
+    pause = np.zeros(SR // 4, dtype=np.float32)
+    pieces = [speech * gain for gain in (0.2, 0.3, 0.9, 0.25)]  # the peak is in the third piece
+    meters = RangePeakMeters(FFMPEG, SR, range_samples=len(speech), workers=2)
+    whole = LoudnessMeter(FFMPEG, SR)
+    for piece in pieces:
+        for block, silence_follows in ((piece, True), (pause, False)):
+            meters.feed(block, silence_follows)
+            whole.feed(block)
+    peak = meters.result()
+    assert meters.ranges == 5  # a range ends after each piece, and the last pause is a range of its own
+    assert peak == pytest.approx(whole.result().true_peak_dbtp, abs=0.05)
+
+
+@needs_ffmpeg
+def test_range_meters_abort_without_waiting(speech: np.ndarray) -> None:
+    assert FFMPEG is not None
+    meters = RangePeakMeters(FFMPEG, SR, range_samples=SR, workers=1)
+    meters.feed(speech)
+    meters.abort()  # returns although the range was never ended
 
 
 def test_parse_summary_of_silence_gives_minus_infinity() -> None:

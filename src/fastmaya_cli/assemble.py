@@ -28,10 +28,11 @@ chapter begins at 0.
 Streaming: only samples a later segment may still overlap stay in memory (between calls to ``add`` at most
 F samples; during one, that segment plus its pause). Everything before is appended at once to a hidden
 24-bit FLAC file beside the output (stored 12 dB down, so sums above full scale survive; about 0.3 GB per
-hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meter, which measures loudness only.
-``finish`` measures the true peak from that file, in parts at once, reads it back once per output, applies
-the one global gain, encodes to a hidden temporary name beside the final one, and only when every file
-(audio, manifest, subtitles) is complete moves them into place with ``os.replace``. With
+hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meters: one for loudness, and
+true-peak meters that measure ranges of the book at once (``loudness.RangePeakMeters``). ``finish``
+waits for the last of them, reads the file back once per output, applies the one global gain, encodes to
+a hidden temporary name beside the final one, and only when every file (audio, manifest, subtitles) is
+complete moves them into place with ``os.replace``. With
 ``split_chapters`` the chapter files are encoded in parallel; one m4b, m4a or mp3 file is encoded in parts
 at once, cut in silence and joined without encoding again (see ``split_encode``).
 
@@ -65,7 +66,14 @@ import numpy as np
 import soundfile as sf
 
 from fastmaya_cli.errors import RuntimeFailure
-from fastmaya_cli.loudness import LoudnessMeter, LoudnessReport, global_gain_db, loudness_target, report_for
+from fastmaya_cli.loudness import (
+    LoudnessMeter,
+    LoudnessReport,
+    RangePeakMeters,
+    global_gain_db,
+    loudness_target,
+    report_for,
+)
 from fastmaya_cli.outputs import (
     FORMATS,
     AudioWriter,
@@ -95,14 +103,7 @@ from fastmaya_cli.outputs import (
     write_failure,
     write_text_file,
 )
-from fastmaya_cli.split_encode import (
-    MEASURE_MARGIN,
-    available_cpus,
-    part_count,
-    part_sources,
-    plan_cuts,
-    silent_cuts,
-)
+from fastmaya_cli.split_encode import available_cpus, part_count, part_sources, plan_cuts
 
 __all__ = [
     "BOUNDARIES",
@@ -127,6 +128,8 @@ BOUNDARIES = ("clause", "sentence", "paragraph", "heading", "chapter", "end")
 _HEADROOM = 0.25
 _READ_BLOCK = 1 << 18  # samples per read when encoding (about 5 s at 48 kHz)
 _COPY_BLOCK = 1 << 20  # bytes per read when joining encoded parts
+PEAK_RANGE_SECONDS = 60.0  # of the book per true-peak meter: the last one finishes soon after the book
+_PEAK_METERS = 4  # at most, at once: each measures about 400 audio s/s, and the GPU's process needs a core
 _ZERO_BLOCK = 1 << 16
 
 
@@ -313,6 +316,7 @@ class Assembler:
         self._direct_output: _Output | None = None
         self._direct_writer: SoundfileWriter | None = None
         self._meter: LoudnessMeter | None = None
+        self._peaks: RangePeakMeters | None = None
         self._temps: list[Path] = []
         self._temps_lock = threading.Lock()
         self._cancel = threading.Event()
@@ -370,7 +374,7 @@ class Assembler:
             self._mix(start, audio)
             self._next_start = end + self._pause_table[seg.boundary] - self._crossfade
             # A later segment starts at _next_start at the earliest; all before it is final.
-            self._emit_until(min(self._next_start, end))
+            self._emit_until(min(self._next_start, end), silence_follows=self._next_start > end)
         except BaseException:
             self._abort()
             raise
@@ -442,21 +446,22 @@ class Assembler:
         self._pending[offset:needed] += audio
         self._peak_buffered = max(self._peak_buffered, len(self._pending))
 
-    def _emit_until(self, position: int) -> None:
+    def _emit_until(self, position: int, silence_follows: bool = False) -> None:
         count = position - self._flushed
         if count <= 0:
             return
-        self._write_timeline(self._pending[:count])
+        self._write_timeline(self._pending[:count], silence_follows)
         self._pending = self._pending[count:].copy()
 
-    def _write_timeline(self, block: np.ndarray) -> None:
+    def _write_timeline(self, block: np.ndarray, silence_follows: bool = False) -> None:
         if self._direct_writer is not None:
             self._clipped += int(np.count_nonzero(np.abs(block) > 1.0))
             self._direct_writer.write(block)  # clips
             self._flushed += len(block)
             return
-        if self._meter is not None:
+        if self._meter is not None and self._peaks is not None:
             self._meter.feed(block)
+            self._peaks.feed(block, silence_follows)  # a new range may begin after this block
         stored = block * _HEADROOM
         over = np.abs(stored) > 1.0
         if over.any():
@@ -513,8 +518,12 @@ class Assembler:
         except (sf.LibsndfileError, OSError) as error:
             raise write_failure(self._shown_name(), error) from error
         if self._target is not None:
+            # The true-peak meter is slower than an H100 renders speech: several measure ranges at once.
             ffmpeg = require_ffmpeg("it measures loudness")
-            self._meter = LoudnessMeter(ffmpeg, self.sample_rate, true_peak=False)  # see _true_peak_dbtp
+            self._meter = LoudnessMeter(ffmpeg, self.sample_rate, true_peak=False)
+            meters = max(1, min(_PEAK_METERS, self._encode_workers // 2))
+            range_samples = round(PEAK_RANGE_SECONDS * self.sample_rate)
+            self._peaks = RangePeakMeters(ffmpeg, self.sample_rate, range_samples, meters)
         self._emit_zeros(self._head)
 
     def _reserve(self, suffix: str, name: str | None = None) -> Path:
@@ -542,6 +551,9 @@ class Assembler:
         if self._meter is not None:
             self._meter.abort()
             self._meter = None
+        if self._peaks is not None:
+            self._peaks.abort()
+            self._peaks = None
         if self._intermediate is not None:
             with suppress(Exception):  # already failing; the file is removed next
                 self._intermediate.close()
@@ -600,7 +612,9 @@ class Assembler:
         measured = self._meter.result() if self._meter is not None else None
         self._meter = None
         if measured is not None:
-            measured = replace(measured, true_peak_dbtp=self._true_peak_dbtp(total))
+            assert self._peaks is not None
+            measured = replace(measured, true_peak_dbtp=self._peaks.result())
+        self._peaks = None
         gain_db = global_gain_db(measured, self._target) if measured and self._target else 0.0
         loudness = report_for(spec.loudness, measured, gain_db)
         factor = 10 ** (gain_db / 20) / _HEADROOM
@@ -808,31 +822,6 @@ class Assembler:
                     raise RuntimeError("intermediate file ended early")
                 sink(block)
                 remaining -= len(block)
-
-    def _true_peak_dbtp(self, total: int) -> float:
-        """The book's true peak, from the intermediate file, measured in parts at once.
-
-        The meter that runs while the book is assembled measures loudness only: its true-peak half would
-        make it slower than an H100 renders speech. Each part here is cut in silence, so every meter
-        starts from the silence its resampler assumes and the largest part's peak is the book's.
-        """
-        ffmpeg = require_ffmpeg("it measures loudness")
-        parts = part_count(total, self.sample_rate, self._encode_workers)
-        cuts = silent_cuts(total, self._silences(total), parts, 1, MEASURE_MARGIN, MEASURE_MARGIN)
-        bounds = [0, *cuts, total]
-        peaks = [-math.inf] * (len(bounds) - 1)
-
-        def measure(index: int) -> None:
-            meter = LoudnessMeter(ffmpeg, self.sample_rate)
-            try:
-                self._read_range(bounds[index], bounds[index + 1], meter.feed)
-            except BaseException:
-                meter.abort()
-                raise
-            peaks[index] = meter.result().true_peak_dbtp
-
-        self._run_all([partial(measure, index) for index in range(len(peaks))])
-        return max(peaks) - 20 * math.log10(_HEADROOM)  # the file holds the book 12 dB down
 
     def _split_plan(self, output: _Output) -> tuple[StreamCodec, list[int]] | None:
         """The codec and cuts to encode this one output in parts with (see ``split_encode``), if any."""

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from fastmaya_cli.outputs import StreamCodec
 
 MARGIN_FRAMES = 2  # an MDCT window spans two frames
-MEASURE_MARGIN = 1024  # silence around a cut between true-peak meters, whose 4x resampler spans far less
 MIN_PART_SECONDS = 30.0  # shorter parts spend more on starting ffmpeg than they save
 
 
