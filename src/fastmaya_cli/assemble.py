@@ -801,27 +801,23 @@ class Assembler:
 
     def _encode_range(self, writer: AudioWriter, start: int, stop: int, factor: float) -> None:
         """Feed samples ``[start, stop)`` of the intermediate file, times ``factor``, to the writer."""
+        assert self._intermediate_path is not None
         try:
-            self._read_range(start, stop, lambda block: writer.write(block * np.float32(factor)))
+            with sf.SoundFile(str(self._intermediate_path)) as source:
+                source.seek(start)
+                remaining = stop - start
+                while remaining > 0:
+                    if self._cancel.is_set():
+                        raise RuntimeError("cancelled")
+                    block = source.read(min(_READ_BLOCK, remaining), dtype="float32")
+                    if len(block) == 0:
+                        raise RuntimeError("intermediate file ended early")
+                    writer.write(block * np.float32(factor))
+                    remaining -= len(block)
             writer.close()
         except BaseException:
             writer.abort()
             raise
-
-    def _read_range(self, start: int, stop: int, sink: Callable[[np.ndarray], None]) -> None:
-        """Pass samples ``[start, stop)`` of the intermediate file to ``sink``, a block at a time."""
-        assert self._intermediate_path is not None
-        with sf.SoundFile(str(self._intermediate_path)) as source:
-            source.seek(start)
-            remaining = stop - start
-            while remaining > 0:
-                if self._cancel.is_set():
-                    raise RuntimeError("cancelled")
-                block = source.read(min(_READ_BLOCK, remaining), dtype="float32")
-                if len(block) == 0:
-                    raise RuntimeError("intermediate file ended early")
-                sink(block)
-                remaining -= len(block)
 
     def _split_plan(self, output: _Output) -> tuple[StreamCodec, list[int]] | None:
         """The codec and cuts to encode this one output in parts with (see ``split_encode``), if any."""

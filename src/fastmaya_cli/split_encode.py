@@ -10,9 +10,9 @@ Exact timing: a decoder puts ``lead`` samples (the encoder's delay and priming) 
 sample, and the encoder pads the input by at least ``pad`` samples, up to whole frames. The book is cut at
 multiples of the frame size, inside the silence between chunks, and the part covering ``[cut_k, cut_k+1)``
 is fed ``[cut_k + lead, cut_k+1 - pad)``: the priming and the padding stand in for as many samples of
-silence, and the part decodes to exactly ``cut_k+1 - cut_k`` samples. So the joined stream lines up with the book to the sample, and only the last frame is padded
-(less than one frame of silence at the end). The first part's priming stands in for the silence at the
-head of the book.
+silence, and the part decodes to exactly ``cut_k+1 - cut_k`` samples. So the joined stream lines up with
+the book to the sample, and only the last frame is padded (less than one frame of silence at the end).
+The first part's priming stands in for the silence at the head of the book.
 
 Clean joins: on both sides of a cut the book is silent for ``MARGIN_FRAMES`` frames beyond the skipped
 lead, so no encoder's window at a join ever holds sound; digital silence encodes to silence.
@@ -46,25 +46,16 @@ def plan_cuts(total: int, silences: Sequence[tuple[int, int]], parts: int, codec
     """Cut positions for about ``parts`` equal parts of a ``total``-sample timeline, for ``codec``.
 
     ``silences`` are ``(start, end)`` sample ranges of digital silence, ascending. Each cut is a multiple
-    of the frame size, with the margin of silence before it and ``lead`` plus the margin after it (see
-    ``silent_cuts``). The first part's priming needs the head of the book silent for ``lead`` plus the
-    margin, or nothing is cut.
+    of the frame size, with the margin of silence before it and ``lead`` plus the margin after it, and is
+    the allowed position nearest to its ideal one; a cut that would leave a part shorter than half the
+    ideal part is dropped. Returns the cuts in order: fewer than ``parts - 1`` where silences are sparse,
+    none where no silence is long enough. The first part's priming needs the head of the book silent for
+    ``lead`` plus the margin, or nothing is cut.
     """
-    margin = MARGIN_FRAMES * codec.frame
-    if not silences or silences[0][0] > 0 or silences[0][1] < codec.lead + margin:
+    frame, before = codec.frame, MARGIN_FRAMES * codec.frame
+    after = codec.lead + before
+    if parts < 2 or not silences or silences[0][0] > 0 or silences[0][1] < after:
         return []  # the first part's priming must land on silence
-    return silent_cuts(total, silences, parts, codec.frame, margin, codec.lead + margin)
-
-
-def silent_cuts(
-    total: int, silences: Sequence[tuple[int, int]], parts: int, frame: int, before: int, after: int
-) -> list[int]:
-    """Cuts for about ``parts`` equal parts, each a multiple of ``frame`` with ``[cut - before, cut +
-    after)`` inside one silence, and each the allowed position nearest to its ideal one; a cut that would
-    leave a part shorter than half the ideal part is dropped. Returns the cuts in order: fewer than
-    ``parts - 1`` where silences are sparse, none where no silence is long enough."""
-    if parts < 2:
-        return []
     ranges: list[tuple[int, int]] = []  # allowed cut positions, inclusive, ascending
     for start, end in silences:
         low = max(-(-(start + before) // frame), -(-after // frame)) * frame
@@ -74,7 +65,7 @@ def silent_cuts(
     if not ranges:
         return []
     lows = [low for low, _ in ranges]
-    shortest = total // parts // 2  # a part much shorter than the rest would only add a process
+    shortest = total // parts // 2  # a part much shorter than the rest would only add an ffmpeg
     cuts: list[int] = []
     for index in range(1, parts):
         ideal = total * index // parts
