@@ -44,6 +44,11 @@ def test_an_unknown_stage_is_a_usage_error():
     assert result.exit_code == 2 and "warp" in result.output
 
 
+def test_an_unknown_render_format_is_a_usage_error_before_any_work():
+    result = CliRunner().invoke(app, ["bench", "--stages", "finish", "--render-format", "wma"])
+    assert result.exit_code == 2 and "wma" in result.output and "m4b" in result.output
+
+
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 
 

@@ -283,6 +283,12 @@ def run_bench(opts: BenchOptions) -> dict:
             f"unknown bench stage(s): {', '.join(sorted(unknown))}.",
             f"Choose from {','.join(sorted(GPU_STAGES | CPU_STAGES))}.",
         )
+    from .outputs import FORMATS
+
+    if opts.render_format not in FORMATS:
+        raise InputError(
+            f"unknown --render-format {opts.render_format!r}.", f"Choose from {', '.join(FORMATS)}."
+        )
     if GPU_STAGES & set(opts.stages):
         report = _run_gpu_stages(opts)
     else:
