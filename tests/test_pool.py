@@ -152,7 +152,7 @@ class ContinuousEngine(ScriptedEngine):
     ticks. It writes to `log` how many slots were busy at each tick and the last tick it took a request."""
 
     slots: int = 4
-    tick_s: float = 0.005
+    tick_s: float = 0.02  # long enough that a pause of the parent process (a full GC) cannot drain a feed
     log: str = ""
 
     def generate(self, requests: RequestFeed) -> Iterator[Generation]:  # type: ignore[override]
@@ -194,9 +194,9 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
 
 
 def test_an_idle_worker_copies_a_slow_workers_chunks_and_each_is_delivered_once() -> None:
-    # cpu#0 answers 0-3 at once and is then idle; cpu#1 needs 0.15 s for each of 4-7. cpu#0 gets
-    # copies of them, so the run ends long before cpu#1's 0.6 s, and cpu#1's late answers are dropped.
-    spec = EngineSpec(SCRIPTED, per_device_kwargs={"cpu#1": {"delay_s": 0.15}})
+    # cpu#0 answers 0-3 at once and is then idle; cpu#1 needs 0.3 s for each of 4-7. cpu#0 gets
+    # copies of them, so the run ends long before cpu#1's 1.2 s, and cpu#1's late answers are dropped.
+    spec = EngineSpec(SCRIPTED, per_device_kwargs={"cpu#1": {"delay_s": 0.3}})
     with EnginePool(spec, ["cpu", "cpu"], inflight_per_worker=4) as pool:
         requests = make_requests(8)
         started = time.monotonic()
@@ -206,7 +206,7 @@ def test_an_idle_worker_copies_a_slow_workers_chunks_and_each_is_delivered_once(
         stats = pool.stats()
     assert stats["cpu#0"]["chunks"] > 4, stats
     assert stats["cpu#0"]["chunks"] + stats["cpu#1"]["chunks"] == 8
-    assert elapsed < 0.45, "cpu#1's chunks should have been answered by cpu#0's copies"
+    assert elapsed < 0.9, "cpu#1's chunks should have been answered by cpu#0's copies"
 
 
 def test_each_worker_calls_generate_once_per_run_and_is_refilled_while_it_works() -> None:
@@ -239,8 +239,10 @@ def test_a_continuously_batching_engine_is_kept_full_until_the_book_runs_out(tmp
         record = json.loads(log.read_text())
         before_the_end = record["occupancy"][: record["last_pull"]]
         short = [i for i, busy in enumerate(before_the_end) if busy < 4]
-        # A pool that refilled only after a batch drained would leave slots empty at every refill.
-        assert len(short) <= 2, (name, short, record)
+        stretches = [i for i in short if i - 1 not in short]
+        # A pool that refilled only after a batch drained would leave slots empty at every refill; one
+        # stretch is allowed for a stall of the whole test process on a busy machine.
+        assert len(stretches) <= 1, (name, short, record)
         assert len(before_the_end) > 30, record
 
 
@@ -337,14 +339,14 @@ def test_engine_depth_follows_what_the_engine_holds() -> None:
 
 
 def test_closing_the_iterator_frees_busy_workers_promptly() -> None:
-    with EnginePool(EngineSpec(SCRIPTED, {"delay_s": 0.1}), ["cpu", "cpu"], inflight_per_worker=8) as pool:
+    with EnginePool(EngineSpec(SCRIPTED, {"delay_s": 0.25}), ["cpu", "cpu"], inflight_per_worker=8) as pool:
         first = pool.generate(make_requests(16))
         next(first)
-        first.close()  # each worker still holds about 7 chunks (0.7 s) of the cancelled run
+        first.close()  # each worker still holds about 7 chunks (1.75 s) of the cancelled run
         started = time.monotonic()
         requests = make_requests(2, seed_base=50)
         assert collect(pool, requests) == single_engine_results(requests)
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 1.0
 
 
 def test_a_slow_worker_does_fewer_chunks_and_close_leaves_no_process() -> None:
@@ -437,7 +439,9 @@ def test_a_single_workers_own_error_reaches_the_user_with_its_fix() -> None:
     assert failure.value.problem == "The model does not fit on the GPU."
     assert failure.value.fix == "Lower --gpu-memory."
     # With several workers the failures are summed up per device, each with its own text.
-    with pytest.raises(RuntimeFailure, match=r"any device: cpu#0, cpu#1: RuntimeFailure: The model does not fit"):
+    with pytest.raises(
+        RuntimeFailure, match=r"any device: cpu#0, cpu#1: RuntimeFailure: The model does not fit"
+    ):
         EnginePool(EngineSpec(f"{__name__}:engine_that_does_not_fit"), ["cpu", "cpu"])
 
 
