@@ -65,8 +65,11 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from fastmaya_cli.early_parts import EARLY_PART_SECONDS, EarlyPart, EarlyParts, reuse_gain
 from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.loudness import (
+    ABSOLUTE_GATE_LUFS,
+    TRUE_PEAK_SAFETY_DB,
     LoudnessMeter,
     LoudnessReport,
     RangePeakMeters,
@@ -103,7 +106,7 @@ from fastmaya_cli.outputs import (
     write_failure,
     write_text_file,
 )
-from fastmaya_cli.split_encode import available_cpus, part_count, part_sources, plan_cuts
+from fastmaya_cli.split_encode import MARGIN_FRAMES, available_cpus, part_count, part_sources, plan_cuts
 
 __all__ = [
     "BOUNDARIES",
@@ -130,6 +133,10 @@ _READ_BLOCK = 1 << 18  # samples per read when encoding (about 5 s at 48 kHz)
 _COPY_BLOCK = 1 << 20  # bytes per read when joining encoded parts
 PEAK_RANGE_SECONDS = 60.0  # of the book per true-peak meter: the last one finishes soon after the book
 _PEAK_METERS = 4  # at most, at once: each measures about 400 audio s/s, and the GPU's process needs a core
+_EARLY_SHARE = (
+    4  # one early encoder per this many CPUs: about 80 audio s/s each, the GPU's process needs the rest
+)
+_PCM24_READ_BACK = np.float32(2.0**-31)  # libsndfile's float of a 24-bit code in int32's top bytes
 _ZERO_BLOCK = 1 << 16
 
 
@@ -212,6 +219,7 @@ class AssemblyResult:
     loudness: LoudnessReport
     chapters: tuple[ChapterMark, ...]
     warnings: tuple[str, ...] = ()
+    encoded_early: float = 0.0  # seconds of the book whose encode, made while it rendered, was kept
 
 
 def expected_length(
@@ -290,8 +298,11 @@ class Assembler:
         pauses: Pauses = Pauses(),  # noqa: B008 - frozen default
         *,
         encode_workers: int | None = None,
+        early_part_seconds: float | None = EARLY_PART_SECONDS,
     ) -> None:
-        """``encode_workers``: encoders run at once when finishing (default: the CPUs this process may use)."""
+        """``encode_workers``: encoders run at once when finishing (default: the CPUs this process may use).
+        ``early_part_seconds``: the length of the parts of one m4b, m4a or mp3 file encoded while the book
+        renders (see ``early_parts``); None encodes everything after the last chunk."""
         if spec.format not in FORMATS:
             raise ValueError(f"unknown format {spec.format!r}")
         self.spec = spec
@@ -305,6 +316,9 @@ class Assembler:
         self._tail = round(pauses.tail * spec.sample_rate)
         self._fades: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._encode_workers = max(1, encode_workers or available_cpus())
+        self._early_part_seconds = early_part_seconds
+        self._early: EarlyParts | None = None
+        self._sample_peak = 0.0  # of the book so far, while early parts need it
 
         self._state = "new"  # new -> open -> finished | failed
         self._work_dir: Path | None = None
@@ -371,6 +385,8 @@ class Assembler:
             start = self._next_start
             end = start + len(audio)
             self._note_chapter(seg, start)
+            if self._early is not None and self._chunks and start > self._last_end:
+                self._early.offer_silence(self._last_end, start)
             self._mix(start, audio)
             self._next_start = end + self._pause_table[seg.boundary] - self._crossfade
             # A later segment starts at _next_start at the earliest; all before it is final.
@@ -460,6 +476,8 @@ class Assembler:
             self._flushed += len(block)
             return
         if self._meter is not None and self._peaks is not None:
+            if self._early is not None and len(block):
+                self._sample_peak = max(self._sample_peak, float(np.abs(block).max()))
             self._meter.feed(block)
             self._peaks.feed(block, silence_follows)  # a new range may begin after this block
         stored = block * _HEADROOM
@@ -468,10 +486,13 @@ class Assembler:
             self._clipped += int(over.sum())
             stored = np.clip(stored, -1.0, 1.0)
         assert self._intermediate is not None
+        pcm = to_pcm(stored, 24)  # as the direct writer converts (see to_pcm)
         try:
-            self._intermediate.write(to_pcm(stored, 24))  # as the direct writer converts (see to_pcm)
+            self._intermediate.write(pcm)
         except (sf.LibsndfileError, OSError, AssertionError) as error:
             raise write_failure(self._shown_name(), error) from error
+        if self._early is not None:
+            self._early.feed(pcm.astype(np.float32) * _PCM24_READ_BACK)  # what the finish reads back
         self._flushed += len(block)
 
     # ------------------------------------------------------------------------------------ files / states
@@ -524,7 +545,59 @@ class Assembler:
             meters = max(1, min(_PEAK_METERS, self._encode_workers // 2))
             range_samples = round(PEAK_RANGE_SECONDS * self.sample_rate)
             self._peaks = RangePeakMeters(ffmpeg, self.sample_rate, range_samples, meters)
+        self._early = self._early_parts()
         self._emit_zeros(self._head)
+
+    def _early_parts(self) -> EarlyParts | None:
+        """Encoders for the parts of the book that are final while it renders, where it pays."""
+        codec = stream_codec_for(self._format, self.sample_rate)
+        if (
+            codec is None
+            or self._early_part_seconds is None
+            or self.spec.split_chapters
+            or self._encode_workers < 2
+            or self._head < codec.lead + MARGIN_FRAMES * codec.frame  # the first part's priming
+        ):
+            return None
+        require_ffmpeg(f"it is needed to write {self._format.name} files")
+        return EarlyParts(
+            codec,
+            round(self._early_part_seconds * self.sample_rate),
+            max(1, self._encode_workers // _EARLY_SHARE),
+            partial(self._encode_early, codec),
+            self._estimated_gain,
+        )
+
+    def _estimated_gain(self) -> tuple[float | None, float]:
+        """The gain the loudness of the book so far asks for, and the most its true peak so far allows:
+        the larger of the peak meters' finished ranges and the sample peak since (true peaks are higher)."""
+        if self._target is None:
+            return 0.0, math.inf
+        assert self._meter is not None and self._peaks is not None
+        so_far = self._meter.integrated_so_far()
+        if so_far is None or not math.isfinite(so_far) or so_far <= ABSOLUTE_GATE_LUFS:
+            return None, math.inf
+        peak = max(self._peaks.peak_so_far(), 20 * math.log10(max(self._sample_peak, 1e-10)))
+        return self._target.integrated_lufs - so_far, self._target.true_peak_dbtp - TRUE_PEAK_SAFETY_DB - peak
+
+    def _encode_early(self, codec: StreamCodec, index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
+        shown = self.spec.path if self.spec.path is not None else "stdout"
+        path = self._reserve(f".early{index}.{codec.muxer}")
+        ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
+        writer = FfmpegWriter.bare_stream(
+            ffmpeg, path, self._format, codec, self.sample_rate, self.spec.bitrate, shown
+        )
+        factor = np.float32(10 ** (gain_db / 20) / _HEADROOM)
+        try:
+            for block in blocks:
+                if self._cancel.is_set():
+                    raise RuntimeError("cancelled")
+                writer.write(block * factor)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return path
 
     def _reserve(self, suffix: str, name: str | None = None) -> Path:
         assert self._work_dir is not None
@@ -548,6 +621,9 @@ class Assembler:
     def _abort(self) -> None:
         self._state = "failed"
         self._cancel.set()
+        if self._early is not None:
+            self._early.abort()
+            self._early = None
         if self._meter is not None:
             self._meter.abort()
             self._meter = None
@@ -608,6 +684,8 @@ class Assembler:
                 raise write_failure(self._shown_name(), error) from error
             self._intermediate = None
 
+        early = self._early.finish() if self._early is not None else []
+        self._early = None
         warnings: list[str] = []
         measured = self._meter.result() if self._meter is not None else None
         self._meter = None
@@ -616,8 +694,17 @@ class Assembler:
             measured = replace(measured, true_peak_dbtp=self._peaks.result())
         self._peaks = None
         gain_db = global_gain_db(measured, self._target) if measured and self._target else 0.0
+        if early:
+            peak_limit = math.inf
+            if measured is not None and self._target is not None and math.isfinite(measured.true_peak_dbtp):
+                peak_limit = self._target.true_peak_dbtp - TRUE_PEAK_SAFETY_DB - measured.true_peak_dbtp
+            gain_db = reuse_gain(gain_db, peak_limit, early)
         loudness = report_for(spec.loudness, measured, gain_db)
         factor = 10 ** (gain_db / 20) / _HEADROOM
+        kept = {index: part.path for index, part in enumerate(early) if part.path and part.gain_db == gain_db}
+        for part in early:
+            if part.path is not None and part.path not in kept.values():
+                remove_quietly(part.path)  # encoded at another gain: the finish encodes it again
 
         chapters = self._chapter_marks(total)
         cover = self._cover_file(warnings)
@@ -629,7 +716,7 @@ class Assembler:
                 chapters = [
                     replace(mark, path=output.final) for mark, output in zip(chapters, outputs, strict=True)
                 ]
-            self._render_all(outputs, factor, cover)
+            self._render_all(outputs, factor, cover, early, kept)
 
         manifest_temp = subtitles_temp = None
         paths = tuple(output.final for output in outputs if output.final is not None)
@@ -674,6 +761,7 @@ class Assembler:
             loudness=loudness,
             chapters=tuple(chapters),
             warnings=tuple(warnings),
+            encoded_early=sum(early[index].stop - early[index].start for index in kept) / self.sample_rate,
         )
 
     def _close_direct(self, total: int) -> _Output:
@@ -743,13 +831,22 @@ class Assembler:
             raise write_failure(self._shown_name(), error) from error
         return path
 
-    def _render_all(self, outputs: list[_Output], factor: float, cover: Path | None) -> None:
+    def _render_all(
+        self,
+        outputs: list[_Output],
+        factor: float,
+        cover: Path | None,
+        early: Sequence[EarlyPart] = (),
+        kept: dict[int, Path] | None = None,
+    ) -> None:
+        """Encode every output; ``early`` are the parts encoded while the book rendered, of which
+        ``kept`` (by part index) were encoded at the book's gain."""
         if len(outputs) == 1:
-            plan = self._split_plan(outputs[0])
+            plan = self._split_plan(outputs[0], [part.stop for part in early])
             if plan is None:
                 self._render(outputs[0], factor, cover)
             else:
-                self._render_in_parts(outputs[0], factor, cover, *plan)
+                self._render_in_parts(outputs[0], factor, cover, *plan, kept or {})
             return
         # Encoders run on one core each; with one file per chapter, encode several chapters at once.
         self._run_all([partial(self._render, output, factor, cover) for output in outputs])
@@ -819,14 +916,20 @@ class Assembler:
             writer.abort()
             raise
 
-    def _split_plan(self, output: _Output) -> tuple[StreamCodec, list[int]] | None:
-        """The codec and cuts to encode this one output in parts with (see ``split_encode``), if any."""
+    def _split_plan(self, output: _Output, early_cuts: list[int]) -> tuple[StreamCodec, list[int]] | None:
+        """The codec and cuts to encode this one output in parts with (see ``split_encode``), if any:
+        ``early_cuts`` (the ends of the parts encoded while the book rendered), then cuts that share the
+        rest among the encoders."""
         codec = stream_codec_for(self._format, self.sample_rate)
         if codec is None or self._encode_workers < 2 or output.start_sample != 0:
             return None
-        total = output.end_sample
-        parts = part_count(total, self.sample_rate, self._encode_workers)
-        cuts = plan_cuts(total, self._silences(total), parts, codec)
+        base = early_cuts[-1] if early_cuts else 0
+        rest = output.end_sample - base
+        # An early cut lies in silence with room for the next part's priming: the rest starts silent.
+        silences = [(max(start - base, 0), end - base) for start, end in self._silences(output.end_sample)]
+        silences = [(start, end) for start, end in silences if end > 0]
+        parts = part_count(rest, self.sample_rate, self._encode_workers)
+        cuts = [*early_cuts, *(base + cut for cut in plan_cuts(rest, silences, parts, codec))]
         return (codec, cuts) if cuts else None
 
     def _silences(self, total: int) -> list[tuple[int, int]]:
@@ -842,13 +945,23 @@ class Assembler:
         return silences
 
     def _render_in_parts(
-        self, output: _Output, factor: float, cover: Path | None, codec: StreamCodec, cuts: list[int]
+        self,
+        output: _Output,
+        factor: float,
+        cover: Path | None,
+        codec: StreamCodec,
+        cuts: list[int],
+        encoded: dict[int, Path],
     ) -> None:
-        """Encode the parts between the cuts at once, then join them into the output's container."""
+        """Encode the parts between the cuts at once, but for those already ``encoded`` (by index), then
+        join them into the output's container."""
         shown = output.final if output.final is not None else "stdout"
         ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
         sources = part_sources(cuts, output.end_sample, codec)
-        parts = [self._reserve(f".part{index}.{codec.muxer}") for index in range(len(sources))]
+        parts = [
+            encoded[index] if index in encoded else self._reserve(f".part{index}.{codec.muxer}")
+            for index in range(len(sources))
+        ]
 
         def encode(index: int) -> None:
             if self._cancel.is_set():
@@ -858,7 +971,7 @@ class Assembler:
             )
             self._encode_range(writer, *sources[index], factor)
 
-        self._run_all([partial(encode, index) for index in range(len(parts))])
+        self._run_all([partial(encode, index) for index in range(len(parts)) if index not in encoded])
         metadata = self._metadata_file(output, shown)
         writer = FfmpegWriter.remux(ffmpeg, output.temp, self._format, codec, metadata, cover, shown)
         try:

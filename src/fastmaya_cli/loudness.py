@@ -20,6 +20,7 @@ true-peak limit, so rounding can never push the result over it.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import re
 import subprocess
@@ -39,6 +40,7 @@ from fastmaya_cli.errors import InputError, RuntimeFailure
 TRUE_PEAK_SAFETY_DB = 0.1
 # BS.1770's absolute gate: anything quieter is silence, and normalising silence would only amplify noise.
 ABSOLUTE_GATE_LUFS = -70.0
+_LOG_TAIL_BYTES = 4096  # the last few of ebur128's per-100 ms lines
 _QUEUED_BLOCKS = 8  # per range meter: a few segments' worth of samples waiting for it
 
 
@@ -219,6 +221,21 @@ class LoudnessMeter:
                 "Check the ffmpeg installation, or use --loudness off.",
             ) from error
 
+    def integrated_so_far(self) -> float | None:
+        """The integrated loudness of what ffmpeg has measured so far (from its per-100 ms log lines);
+        None before the first line, -inf for silence so far."""
+        if self._process is None:
+            return None
+        # pread: the log's file offset is shared with ffmpeg, which is still writing at it.
+        descriptor = self._log.fileno()
+        size = os.fstat(descriptor).st_size
+        start = max(0, size - _LOG_TAIL_BYTES)
+        found = re.findall(
+            r"\bI:\s*" + _NUMBER + r"\s*LUFS",
+            os.pread(descriptor, size - start, start).decode("ascii", "replace"),
+        )
+        return float(found[-1]) if found else None
+
     def result(self) -> Measurement:
         """Close the input, wait for ffmpeg and return what it measured."""
         process = self._process
@@ -295,6 +312,11 @@ class RangePeakMeters:
         self._fed += len(samples)
         if silence_follows and self._fed >= self._range_samples:
             self._end_range()
+
+    def peak_so_far(self) -> float:
+        """The largest true peak of the ranges measured so far, without waiting (-inf before the first)."""
+        done = [f.result() for f in self._futures if f.done() and f.exception() is None]
+        return max(done, default=-math.inf)
 
     def result(self) -> float:
         """Wait for every range; the largest true peak in dBTP (-inf for silence or no samples)."""

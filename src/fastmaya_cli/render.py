@@ -110,6 +110,7 @@ class RenderResult:
     decode_tail_s: float = 0.0  # decoding and assembling what was left once the engine finished
     tail_decoding_s: float = 0.0  # the part of decode_tail_s until the decoder's last batch was done
     finish_s: float = 0.0  # loudness gain and the final encode, after the last chunk
+    encoded_early_s: float = 0.0  # audio whose encode made while rendering was kept (see early_parts)
 
 
 def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> float:
@@ -413,6 +414,7 @@ class Renderer:
             decode_tail_s=decoded - generated,
             tail_decoding_s=max(0.0, worker.last_decoded_at - generated),
             finish_s=finished - decoded,
+            encoded_early_s=assembled.encoded_early,
         )
 
     def _request(self, index: int, state: ChunkState) -> Request:

@@ -1,0 +1,259 @@
+"""Parts of a long m4b/mp3 encoded while the book renders: the gains they are encoded at, where they are
+cut, and that the finished file is the same book at one gain whether a part was kept or encoded again."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastmaya_cli import assemble
+from fastmaya_cli.assemble import Assembler, BookInfo, OutputSpec, Pauses, Segment
+from fastmaya_cli.early_parts import GAIN_TOLERANCE_DB, EarlyPart, EarlyParts, reuse_gain, speculative_gain
+from fastmaya_cli.loudness import LoudnessMeter
+from fastmaya_cli.outputs import STREAM_CODECS
+from fastmaya_cli.split_encode import MARGIN_FRAMES, part_sources
+from test_split_encode import FFMPEG, SR, book_segments, decode, needs_ffmpeg
+
+AAC = STREAM_CODECS["aac"]
+
+# ------------------------------------------------------------------------------------------- gains
+
+
+def test_an_early_gain_sits_on_the_grid_below_the_peak_limit_and_stays_while_near() -> None:
+    assert speculative_gain(-2.83, math.inf, None) == pytest.approx(-2.8)
+    assert speculative_gain(-2.7, math.inf, -2.8) == -2.8  # within half the tolerance: kept
+    assert speculative_gain(-2.5, math.inf, -2.8) == pytest.approx(-2.5)  # drifted: follows
+    # The peak so far allows at most -3.14: the gain is floored on the grid, never rounded up to it.
+    assert speculative_gain(-2.8, -3.14, None) == pytest.approx(-3.2)
+    assert speculative_gain(-2.8, -3.14, -3.1) == pytest.approx(-3.2)  # the previous one is now too loud
+    assert speculative_gain(-2.8, -3.14, -3.2) == -3.2
+
+
+def part(start: int, stop: int, gain: float, encoded: bool = True) -> EarlyPart:
+    return EarlyPart(start, stop, Path(f"/p{start}") if encoded else None, gain)
+
+
+def test_the_books_gain_is_the_early_gain_covering_most_of_it_within_the_limits() -> None:
+    parts = [part(0, 100, -3.0), part(100, 400, -3.2), part(400, 500, -3.1), part(500, 900, -3.0, False)]
+    assert reuse_gain(-3.05, math.inf, parts) == -3.2  # 300 samples; the unencoded part does not count
+    assert reuse_gain(-3.05, -3.15, parts) == -3.2  # the others would lift the peak over its limit
+    assert reuse_gain(-2.9, math.inf, parts) == -3.0  # -3.2 is too far from the exact gain
+    assert reuse_gain(-3.0 - 2 * GAIN_TOLERANCE_DB, math.inf, parts) == -3.5  # none near: the exact gain
+    assert reuse_gain(-1.0, math.inf, []) == -1.0
+
+
+# -------------------------------------------------------------------------------------------- cuts
+
+
+def test_parts_end_in_silence_at_frames_and_are_fed_what_the_finish_would_feed() -> None:
+    """A timeline of sound and silences fed in uneven blocks: each early part is cut in the first
+    silence after it is long enough, at a frame with the margins, and gets exactly the samples
+    ``part_sources`` names for it."""
+    rng = np.random.default_rng(3)
+    frame, margin = AAC.frame, MARGIN_FRAMES * AAC.frame
+    received: dict[int, np.ndarray] = {}
+
+    def encode(index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
+        received[index] = np.concatenate(blocks)
+        return Path(f"/part{index}")
+
+    early = EarlyParts(AAC, 40_000, 2, encode, lambda: (-3.0, math.inf))
+    timeline: list[np.ndarray] = [np.zeros(6000, dtype=np.float32)]  # the head
+    early.feed(timeline[0])
+    silences = []
+    position = 6000
+    for _ in range(40):
+        sound = rng.standard_normal(int(rng.integers(3000, 9000))).astype(np.float32)
+        gap = int(rng.integers(0, 9000))  # some too short to cut in
+        for block in np.array_split(sound, 3):
+            early.feed(block)
+        position += len(sound)
+        early.offer_silence(position, position + gap)
+        silences.append((position, position + gap))
+        early.feed(np.zeros(gap, dtype=np.float32))
+        timeline += [sound, np.zeros(gap, dtype=np.float32)]
+        position += gap
+    book = np.concatenate(timeline)
+    cuts = early.cuts
+    parts = early.finish()
+    assert len(parts) >= 4 and [p.stop for p in parts] == cuts and parts[0].start == 0
+    sources = part_sources(cuts, len(book), AAC)
+    for index, (start, stop) in enumerate(sources[: len(parts)]):
+        assert np.array_equal(received[index], book[start:stop])
+    previous = 0
+    for cut in cuts:
+        assert cut % frame == 0 and cut - previous >= 40_000
+        assert any(s + margin <= cut and cut + AAC.lead + margin <= e for s, e in silences)
+        previous = cut
+
+
+def test_a_part_without_a_gain_or_an_encoder_is_left_to_the_finish() -> None:
+    encoded: list[int] = []
+
+    def encode(index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
+        encoded.append(index)
+        return Path(f"/part{index}")
+
+    for estimate, waiting in (((None, math.inf), 4), ((-2.0, math.inf), 0)):
+        early = EarlyParts(AAC, 10_000, 1, encode, lambda estimate=estimate: estimate, max_waiting=waiting)
+        early.feed(np.zeros(5000, dtype=np.float32))
+        early.feed(np.ones(20_000, dtype=np.float32))
+        early.offer_silence(25_000, 40_000)
+        early.feed(np.zeros(15_000, dtype=np.float32))
+        parts = early.finish()
+        assert len(parts) == 1 and parts[0].path is None
+    assert encoded == []
+
+
+@needs_ffmpeg
+def test_the_meter_reports_the_loudness_so_far() -> None:
+    assert FFMPEG is not None
+    meter = LoudnessMeter(FFMPEG, SR, true_peak=False)
+    tone = (0.1 * np.sin(np.arange(5 * SR) * 2 * np.pi * 997 / SR)).astype(np.float32)
+    meter.feed(tone)
+    deadline = time.monotonic() + 10
+    while (so_far := meter.integrated_so_far()) is None or so_far < -40:
+        assert time.monotonic() < deadline, so_far
+        time.sleep(0.05)
+    final = meter.result().integrated_lufs
+    assert so_far == pytest.approx(final, abs=0.3)  # a steady tone: the running value is the final one
+    assert meter.integrated_so_far() is None  # closed
+
+
+# --------------------------------------------------------------------------------------- end to end
+
+
+def render(path: Path, segments: list[Segment], loudness: str, parts_seconds: float | None) -> object:
+    info = BookInfo("Long Book", "Ann Author", None, None, None)
+    # A high bitrate keeps coding noise well below the level steps the tests look for.
+    spec = OutputSpec(path, path.suffix[1:], sample_rate=SR, loudness=loudness, info=info, bitrate="192k")
+    with Assembler(spec, Pauses(), encode_workers=3, early_part_seconds=parts_seconds) as assembler:
+        for segment in segments:
+            assembler.add(segment)
+            time.sleep(0.02)  # a render's pace: the early encoders keep up
+        return assembler.finish()
+
+
+@pytest.fixture
+def patient(monkeypatch: pytest.MonkeyPatch) -> list[EarlyParts]:
+    """Early encoders that never leave a part to the finish for being busy, recorded."""
+    made: list[EarlyParts] = []
+
+    class Recorded(EarlyParts):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs, max_waiting=100)  # type: ignore[arg-type, misc]
+            made.append(self)
+
+    monkeypatch.setattr(assemble, "EarlyParts", Recorded)
+    return made
+
+
+def chunk_levels(book: np.ndarray, decoded: np.ndarray, placements: list) -> list[float]:
+    """Each chunk's level in the encoded file against the lossless book, in dB."""
+    return [
+        20
+        * math.log10(
+            np.sqrt(
+                np.mean(decoded[p.start_sample : p.end_sample] ** 2)
+                / np.mean(book[p.start_sample : p.end_sample] ** 2)
+            )
+        )
+        for p in placements
+    ]
+
+
+@needs_ffmpeg
+def test_early_parts_are_the_bytes_the_finish_would_write(tmp_path: Path, patient: list[EarlyParts]) -> None:
+    """Loudness off: the same cuts, encoded while rendering or all after it, give the same file."""
+    segments = book_segments(40.0)
+    kept = render(tmp_path / "early.m4b", segments, "off", 8.0)
+    assert kept.encoded_early > 24  # type: ignore[attr-defined]
+
+    real_finish = EarlyParts.finish
+
+    def dropped(self: EarlyParts) -> list[EarlyPart]:
+        return [dataclasses.replace(p, path=None) for p in real_finish(self)]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EarlyParts, "finish", dropped)
+        again = render(tmp_path / "finish.m4b", segments, "off", 8.0)
+    assert again.encoded_early == 0  # type: ignore[attr-defined]
+    assert len(patient) == 2 and patient[0].cuts == patient[1].cuts and len(patient[0].cuts) >= 3
+    assert (tmp_path / "early.m4b").read_bytes() == (tmp_path / "finish.m4b").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["early.m4b", "finish.m4b"]  # no part left
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("fmt", ["m4b", "mp3"])
+def test_a_book_that_grows_louder_still_has_one_gain(
+    tmp_path: Path, patient: list[EarlyParts], fmt: str
+) -> None:
+    """The second half is 8 dB louder: the parts encoded early at the first half's gain are encoded
+    again, and every chunk of the file sits at the book's one gain, as in the file encoded after the
+    last chunk."""
+    segments = book_segments(48.0)
+    half = len(segments) // 2
+    segments = [
+        dataclasses.replace(s, audio=s.audio * np.float32(2.5)) if i >= half else s
+        for i, s in enumerate(segments)
+    ]
+    render(tmp_path / "book.wav", segments, "off", None)
+    reference = render(tmp_path / f"reference.{fmt}", segments, "acx", None)
+    placements: list = []
+    real_add = Assembler.add
+
+    def add(self: Assembler, segment: Segment) -> object:
+        placements.append(real_add(self, segment))
+        return placements[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Assembler, "add", add)
+        result = render(tmp_path / f"book.{fmt}", segments, "acx", 6.0)
+    parts = patient[0].finish()  # already finished: the parts and their gains, again
+    gains = {p.gain_db for p in parts if p.path is not None}
+    assert len(gains) >= 2  # the loudness so far moved: early parts were encoded at several gains
+    book_seconds = sum(p.stop - p.start for p in parts) / SR
+    assert 0 < result.encoded_early < book_seconds  # type: ignore[attr-defined]
+    gain = result.loudness.gain_db  # type: ignore[attr-defined]
+    exact = reference.loudness.gain_db  # type: ignore[attr-defined]
+    assert gain in gains and abs(gain - exact) <= GAIN_TOLERANCE_DB
+    book = decode(tmp_path / "book.wav")
+    levels = chunk_levels(book, decode(tmp_path / f"book.{fmt}"), placements)
+    expected = chunk_levels(book, decode(tmp_path / f"reference.{fmt}"), placements)
+    # Coding noise moves a chunk's level by a few hundredths of a dB; a part at a stale gain by 0.3 or more.
+    assert max(abs(a - b - (gain - exact)) for a, b in zip(levels, expected, strict=True)) < 0.05
+
+
+@needs_ffmpeg
+def test_an_interrupted_render_leaves_no_early_part(tmp_path: Path, patient: list[EarlyParts]) -> None:
+    spec = OutputSpec(tmp_path / "book.m4b", "m4b", sample_rate=SR, loudness="acx")
+    with (
+        pytest.raises(KeyboardInterrupt),
+        Assembler(spec, Pauses(), encode_workers=3, early_part_seconds=5.0) as a,
+    ):
+        for segment in book_segments(30.0):
+            a.add(segment)
+            time.sleep(0.02)
+        assert patient[0].cuts  # parts were under way
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_early_parts_are_not_used_where_they_cannot_pay(tmp_path: Path, patient: list[EarlyParts]) -> None:
+    segments = book_segments(10.0)
+    for fmt, workers, seconds in (("flac", 3, 5.0), ("m4b", 1, 5.0), ("m4b", 3, None)):
+        if fmt == "m4b" and FFMPEG is None:
+            continue
+        spec = OutputSpec(
+            tmp_path / f"b{workers}{seconds}.{fmt}", fmt, sample_rate=SR, loudness="acx" if FFMPEG else "off"
+        )
+        with Assembler(spec, Pauses(), encode_workers=workers, early_part_seconds=seconds) as assembler:
+            for segment in segments:
+                assembler.add(segment)
+            assert assembler.finish().encoded_early == 0
+    assert patient == []
