@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -110,6 +111,26 @@ def test_a_part_without_a_gain_or_an_encoder_is_left_to_the_finish() -> None:
     assert encoded == []
 
 
+def test_a_part_still_waiting_for_an_encoder_is_left_to_the_finish() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def encode(index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
+        started.set()
+        assert release.wait(10)
+        return Path(f"/part{index}")
+
+    early = EarlyParts(AAC, 10_000, 1, encode, lambda: (-2.0, math.inf))
+    early.feed(np.zeros(5000, dtype=np.float32))
+    for start in (5000, 40_000):  # two parts: the second waits while the first is being encoded
+        early.feed(np.ones(20_000, dtype=np.float32))
+        early.offer_silence(start + 20_000, start + 35_000)
+        early.feed(np.zeros(15_000, dtype=np.float32))
+    assert started.wait(10)
+    threading.Timer(0.2, release.set).start()
+    parts = early.finish()
+    assert [p.path for p in parts] == [Path("/part0"), None]
+
+
 @needs_ffmpeg
 def test_the_meter_reports_the_loudness_so_far() -> None:
     assert FFMPEG is not None
@@ -149,6 +170,10 @@ def patient(monkeypatch: pytest.MonkeyPatch) -> list[EarlyParts]:
             super().__init__(*args, **kwargs, max_waiting=100)  # type: ignore[arg-type, misc]
             made.append(self)
 
+        def finish(self) -> list[EarlyPart]:
+            self._pool.shutdown(wait=True)  # every part submitted is encoded, however slow this machine
+            return super().finish()
+
     monkeypatch.setattr(assemble, "EarlyParts", Recorded)
     return made
 
@@ -172,7 +197,7 @@ def test_early_parts_are_the_bytes_the_finish_would_write(tmp_path: Path, patien
     """Loudness off: the same cuts, encoded while rendering or all after it, give the same file."""
     segments = book_segments(40.0)
     kept = render(tmp_path / "early.m4b", segments, "off", 8.0)
-    assert kept.encoded_early > 24  # type: ignore[attr-defined]
+    assert kept.encoded_early >= 8  # type: ignore[attr-defined]
 
     real_finish = EarlyParts.finish
 

@@ -34,7 +34,8 @@ waits for the last of them, reads the file back once per output, applies the one
 a hidden temporary name beside the final one, and only when every file (audio, manifest, subtitles) is
 complete moves them into place with ``os.replace``. With
 ``split_chapters`` the chapter files are encoded in parallel; one m4b, m4a or mp3 file is encoded in parts
-at once, cut in silence and joined without encoding again (see ``split_encode``).
+at once, cut in silence and joined without encoding again (see ``split_encode``), and most of those parts
+are encoded while the book renders, at the gain the book so far asks for (see ``early_parts``).
 
 Direct: a single FLAC file with loudness off needs no gain, so there is nothing to wait for. The
 timeline is then encoded straight into the output's temporary file as it is emitted: no intermediate,
@@ -43,7 +44,8 @@ no second pass, and ``finish`` only closes and publishes it. Samples over full s
 
 Loudness: one gain for the whole book, from EBU R128 integrated loudness and true peak over the whole
 book (see ``loudness``); it reaches the target unless the true peak would exceed the limit, in which case
-the gain stops at the limit.
+the gain stops at the limit. Where parts were encoded early, the gain is the early gain that covers most
+of the book, if it is within ``early_parts.GAIN_TOLERANCE_DB`` of that and keeps the peak under the limit.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
@@ -220,6 +223,7 @@ class AssemblyResult:
     chapters: tuple[ChapterMark, ...]
     warnings: tuple[str, ...] = ()
     encoded_early: float = 0.0  # seconds of the book whose encode, made while it rendered, was kept
+    finish_steps: dict[str, float] = field(default_factory=dict)  # seconds each step of finish() took
 
 
 def expected_length(
@@ -319,6 +323,8 @@ class Assembler:
         self._early_part_seconds = early_part_seconds
         self._early: EarlyParts | None = None
         self._sample_peak = 0.0  # of the book so far, while early parts need it
+        self._finish_started = 0.0
+        self._finish_steps: dict[str, float] = {}
 
         self._state = "new"  # new -> open -> finished | failed
         self._work_dir: Path | None = None
@@ -665,6 +671,7 @@ class Assembler:
 
     def _finish(self) -> AssemblyResult:
         spec = self.spec
+        self._finish_started = time.perf_counter()
         self._emit_until(self._last_end)
         self._emit_zeros(self._tail)
         total = self._flushed
@@ -684,8 +691,11 @@ class Assembler:
                 raise write_failure(self._shown_name(), error) from error
             self._intermediate = None
 
+        steps = self._finish_steps
+        steps["tail"] = time.perf_counter() - self._finish_started
         early = self._early.finish() if self._early is not None else []
         self._early = None
+        steps["early_encoders"] = time.perf_counter() - self._finish_started - sum(steps.values())
         warnings: list[str] = []
         measured = self._meter.result() if self._meter is not None else None
         self._meter = None
@@ -701,6 +711,7 @@ class Assembler:
             gain_db = reuse_gain(gain_db, peak_limit, early)
         loudness = report_for(spec.loudness, measured, gain_db)
         factor = 10 ** (gain_db / 20) / _HEADROOM
+        steps["meters"] = time.perf_counter() - self._finish_started - sum(steps.values())
         kept = {index: part.path for index, part in enumerate(early) if part.path and part.gain_db == gain_db}
         for part in early:
             if part.path is not None and part.path not in kept.values():
@@ -717,6 +728,7 @@ class Assembler:
                     replace(mark, path=output.final) for mark, output in zip(chapters, outputs, strict=True)
                 ]
             self._render_all(outputs, factor, cover, early, kept)
+        steps["encode"] = time.perf_counter() - self._finish_started - sum(steps.values())
 
         manifest_temp = subtitles_temp = None
         paths = tuple(output.final for output in outputs if output.final is not None)
@@ -762,6 +774,7 @@ class Assembler:
             chapters=tuple(chapters),
             warnings=tuple(warnings),
             encoded_early=sum(early[index].stop - early[index].start for index in kept) / self.sample_rate,
+            finish_steps={name: round(seconds, 3) for name, seconds in steps.items()},
         )
 
     def _close_direct(self, total: int) -> _Output:
@@ -972,6 +985,7 @@ class Assembler:
             self._encode_range(writer, *sources[index], factor)
 
         self._run_all([partial(encode, index) for index in range(len(parts)) if index not in encoded])
+        joined = time.perf_counter()
         metadata = self._metadata_file(output, shown)
         writer = FfmpegWriter.remux(ffmpeg, output.temp, self._format, codec, metadata, cover, shown)
         try:
@@ -987,6 +1001,7 @@ class Assembler:
             writer.abort()
             raise
         _make_durable(output.temp, shown)
+        self._finish_steps["join"] = time.perf_counter() - joined
 
     # ----------------------------------------------------------------------------------- manifest, cues
 

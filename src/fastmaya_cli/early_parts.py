@@ -149,13 +149,14 @@ class EarlyParts:
             self._next_cut = None
 
     def finish(self) -> list[EarlyPart]:
-        """Wait for the encoders; the parts that ended before the book did, in order."""
-        self._pool.shutdown(wait=True)
+        """Wait for the encoders at work; the parts that ended before the book did, in order. A part
+        still waiting for an encoder is left to the finish, which has every core for it."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._blocks = []
         parts = []
         for index, future in enumerate(self._futures):
             path = None
-            if future is not None and future.exception() is None:
+            if future is not None and not future.cancelled() and future.exception() is None:
                 path = future.result()
             parts.append(EarlyPart(self._cuts[index], self._cuts[index + 1], path, self._gains[index]))
         return parts

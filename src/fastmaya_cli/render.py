@@ -111,6 +111,7 @@ class RenderResult:
     tail_decoding_s: float = 0.0  # the part of decode_tail_s until the decoder's last batch was done
     finish_s: float = 0.0  # loudness gain and the final encode, after the last chunk
     encoded_early_s: float = 0.0  # audio whose encode made while rendering was kept (see early_parts)
+    finish_steps: dict[str, float] = field(default_factory=dict)  # AssemblyResult.finish_steps
 
 
 def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> float:
@@ -415,6 +416,7 @@ class Renderer:
             tail_decoding_s=max(0.0, worker.last_decoded_at - generated),
             finish_s=finished - decoded,
             encoded_early_s=assembled.encoded_early,
+            finish_steps=assembled.finish_steps,
         )
 
     def _request(self, index: int, state: ChunkState) -> Request:
