@@ -56,7 +56,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
@@ -72,12 +72,12 @@ from fastmaya_cli.early_parts import EARLY_PART_SECONDS, EarlyPart, EarlyParts, 
 from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.loudness import (
     ABSOLUTE_GATE_LUFS,
-    TRUE_PEAK_SAFETY_DB,
     LoudnessMeter,
     LoudnessReport,
     RangePeakMeters,
     global_gain_db,
     loudness_target,
+    peak_gain_limit_db,
     report_for,
 )
 from fastmaya_cli.outputs import (
@@ -136,9 +136,8 @@ _READ_BLOCK = 1 << 18  # samples per read when encoding (about 5 s at 48 kHz)
 _COPY_BLOCK = 1 << 20  # bytes per read when joining encoded parts
 PEAK_RANGE_SECONDS = 60.0  # of the book per true-peak meter: the last one finishes soon after the book
 _PEAK_METERS = 4  # at most, at once: each measures about 400 audio s/s, and the GPU's process needs a core
-_EARLY_SHARE = (
-    4  # one early encoder per this many CPUs: about 80 audio s/s each, the GPU's process needs the rest
-)
+# One early encoder per this many CPUs: about 80 audio s/s each, and the GPU's process needs the rest.
+_EARLY_SHARE = 4
 _PCM24_READ_BACK = np.float32(2.0**-31)  # libsndfile's float of a 24-bit code in int32's top bytes
 _ZERO_BLOCK = 1 << 16
 
@@ -323,8 +322,8 @@ class Assembler:
         self._early_part_seconds = early_part_seconds
         self._early: EarlyParts | None = None
         self._sample_peak = 0.0  # of the book so far, while early parts need it
-        self._finish_started = 0.0
         self._finish_steps: dict[str, float] = {}
+        self._lap_at = 0.0  # when the last step of finish() ended
 
         self._state = "new"  # new -> open -> finished | failed
         self._work_dir: Path | None = None
@@ -584,25 +583,12 @@ class Assembler:
         if so_far is None or not math.isfinite(so_far) or so_far <= ABSOLUTE_GATE_LUFS:
             return None, math.inf
         peak = max(self._peaks.peak_so_far(), 20 * math.log10(max(self._sample_peak, 1e-10)))
-        return self._target.integrated_lufs - so_far, self._target.true_peak_dbtp - TRUE_PEAK_SAFETY_DB - peak
+        return self._target.integrated_lufs - so_far, peak_gain_limit_db(peak, self._target)
 
     def _encode_early(self, codec: StreamCodec, index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
-        shown = self.spec.path if self.spec.path is not None else "stdout"
         path = self._reserve(f".early{index}.{codec.muxer}")
-        ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
-        writer = FfmpegWriter.bare_stream(
-            ffmpeg, path, self._format, codec, self.sample_rate, self.spec.bitrate, shown
-        )
-        factor = np.float32(10 ** (gain_db / 20) / _HEADROOM)
-        try:
-            for block in blocks:
-                if self._cancel.is_set():
-                    raise RuntimeError("cancelled")
-                writer.write(block * factor)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+        writer = self._part_writer(codec, path, self._shown_name())
+        self._encode_blocks(writer, blocks, 10 ** (gain_db / 20) / _HEADROOM)
         return path
 
     def _reserve(self, suffix: str, name: str | None = None) -> Path:
@@ -669,9 +655,15 @@ class Assembler:
         self._state = "finished"
         return result
 
+    def _lap(self, step: str) -> None:
+        """Add the time since the last lap to ``step`` of finish()."""
+        now = time.perf_counter()
+        self._finish_steps[step] = self._finish_steps.get(step, 0.0) + now - self._lap_at
+        self._lap_at = now
+
     def _finish(self) -> AssemblyResult:
         spec = self.spec
-        self._finish_started = time.perf_counter()
+        self._lap_at = time.perf_counter()
         self._emit_until(self._last_end)
         self._emit_zeros(self._tail)
         total = self._flushed
@@ -691,11 +683,10 @@ class Assembler:
                 raise write_failure(self._shown_name(), error) from error
             self._intermediate = None
 
-        steps = self._finish_steps
-        steps["tail"] = time.perf_counter() - self._finish_started
+        self._lap("tail")
         early = self._early.finish() if self._early is not None else []
         self._early = None
-        steps["early_encoders"] = time.perf_counter() - self._finish_started - sum(steps.values())
+        self._lap("early_encoders")
         warnings: list[str] = []
         measured = self._meter.result() if self._meter is not None else None
         self._meter = None
@@ -706,15 +697,17 @@ class Assembler:
         gain_db = global_gain_db(measured, self._target) if measured and self._target else 0.0
         if early:
             peak_limit = math.inf
-            if measured is not None and self._target is not None and math.isfinite(measured.true_peak_dbtp):
-                peak_limit = self._target.true_peak_dbtp - TRUE_PEAK_SAFETY_DB - measured.true_peak_dbtp
+            if measured is not None and self._target is not None:
+                peak_limit = peak_gain_limit_db(measured.true_peak_dbtp, self._target)
             gain_db = reuse_gain(gain_db, peak_limit, early)
         loudness = report_for(spec.loudness, measured, gain_db)
         factor = 10 ** (gain_db / 20) / _HEADROOM
-        steps["meters"] = time.perf_counter() - self._finish_started - sum(steps.values())
-        kept = {index: part.path for index, part in enumerate(early) if part.path and part.gain_db == gain_db}
-        for part in early:
-            if part.path is not None and part.path not in kept.values():
+        self._lap("meters")
+        kept: dict[int, Path] = {}
+        for index, part in enumerate(early):
+            if part.path is not None and part.gain_db == gain_db:
+                kept[index] = part.path
+            elif part.path is not None:
                 remove_quietly(part.path)  # encoded at another gain: the finish encodes it again
 
         chapters = self._chapter_marks(total)
@@ -728,7 +721,7 @@ class Assembler:
                     replace(mark, path=output.final) for mark, output in zip(chapters, outputs, strict=True)
                 ]
             self._render_all(outputs, factor, cover, early, kept)
-        steps["encode"] = time.perf_counter() - self._finish_started - sum(steps.values())
+        self._lap("encode")
 
         manifest_temp = subtitles_temp = None
         paths = tuple(output.final for output in outputs if output.final is not None)
@@ -774,7 +767,7 @@ class Assembler:
             chapters=tuple(chapters),
             warnings=tuple(warnings),
             encoded_early=sum(early[index].stop - early[index].start for index in kept) / self.sample_rate,
-            finish_steps={name: round(seconds, 3) for name, seconds in steps.items()},
+            finish_steps={name: round(seconds, 3) for name, seconds in self._finish_steps.items()},
         )
 
     def _close_direct(self, total: int) -> _Output:
@@ -901,7 +894,7 @@ class Assembler:
                 output.tags,
                 shown,
             )
-        self._encode_range(writer, output.start_sample, output.end_sample, factor)
+        self._encode_blocks(writer, self._intermediate_blocks(output.start_sample, output.end_sample), factor)
         _make_durable(output.temp, shown)
 
     def _metadata_file(self, output: _Output, shown: Path | str) -> Path:
@@ -909,25 +902,37 @@ class Assembler:
         write_text_file(metadata, ffmetadata(output.tags, output.chapters, self.sample_rate), shown)
         return metadata
 
-    def _encode_range(self, writer: AudioWriter, start: int, stop: int, factor: float) -> None:
-        """Feed samples ``[start, stop)`` of the intermediate file, times ``factor``, to the writer."""
+    def _intermediate_blocks(self, start: int, stop: int) -> Iterator[np.ndarray]:
+        """Samples ``[start, stop)`` of the intermediate file, a block at a time."""
         assert self._intermediate_path is not None
+        with sf.SoundFile(str(self._intermediate_path)) as source:
+            source.seek(start)
+            remaining = stop - start
+            while remaining > 0:
+                block = source.read(min(_READ_BLOCK, remaining), dtype="float32")
+                if len(block) == 0:
+                    raise RuntimeError("intermediate file ended early")
+                yield block
+                remaining -= len(block)
+
+    def _encode_blocks(self, writer: AudioWriter, blocks: Iterable[np.ndarray], factor: float) -> None:
+        """Feed the blocks, times ``factor``, to the writer and close it; on a failure or a cancel, abort it."""
         try:
-            with sf.SoundFile(str(self._intermediate_path)) as source:
-                source.seek(start)
-                remaining = stop - start
-                while remaining > 0:
-                    if self._cancel.is_set():
-                        raise RuntimeError("cancelled")
-                    block = source.read(min(_READ_BLOCK, remaining), dtype="float32")
-                    if len(block) == 0:
-                        raise RuntimeError("intermediate file ended early")
-                    writer.write(block * np.float32(factor))
-                    remaining -= len(block)
+            for block in blocks:
+                if self._cancel.is_set():
+                    raise RuntimeError("cancelled")
+                writer.write(block * np.float32(factor))
             writer.close()
         except BaseException:
             writer.abort()
             raise
+
+    def _part_writer(self, codec: StreamCodec, path: Path, shown: Path | str) -> FfmpegWriter:
+        """An encoder of one part's bare stream (see ``split_encode``)."""
+        ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
+        return FfmpegWriter.bare_stream(
+            ffmpeg, path, self._format, codec, self.sample_rate, self.spec.bitrate, shown
+        )
 
     def _split_plan(self, output: _Output, early_cuts: list[int]) -> tuple[StreamCodec, list[int]] | None:
         """The codec and cuts to encode this one output in parts with (see ``split_encode``), if any:
@@ -979,13 +984,11 @@ class Assembler:
         def encode(index: int) -> None:
             if self._cancel.is_set():
                 return
-            writer = FfmpegWriter.bare_stream(
-                ffmpeg, parts[index], self._format, codec, self.sample_rate, self.spec.bitrate, shown
-            )
-            self._encode_range(writer, *sources[index], factor)
+            writer = self._part_writer(codec, parts[index], shown)
+            self._encode_blocks(writer, self._intermediate_blocks(*sources[index]), factor)
 
         self._run_all([partial(encode, index) for index in range(len(parts)) if index not in encoded])
-        joined = time.perf_counter()
+        self._lap("encode")
         metadata = self._metadata_file(output, shown)
         writer = FfmpegWriter.remux(ffmpeg, output.temp, self._format, codec, metadata, cover, shown)
         try:
@@ -1001,7 +1004,7 @@ class Assembler:
             writer.abort()
             raise
         _make_durable(output.temp, shown)
-        self._finish_steps["join"] = time.perf_counter() - joined
+        self._lap("join")
 
     # ----------------------------------------------------------------------------------- manifest, cues
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fastmaya_cli.outputs import StreamCodec
-from fastmaya_cli.split_encode import MARGIN_FRAMES
+from fastmaya_cli.split_encode import cut_range
 
 GAIN_STEP_DB = 0.1  # the grid early gains sit on, so that parts share one
 GAIN_TOLERANCE_DB = 0.25  # how far the book's gain may sit from the exact one to reuse early parts
@@ -121,10 +121,8 @@ class EarlyParts:
         current part inside it if the part is long enough and the silence has room for a clean cut."""
         if self._next_cut is not None or start - self._cuts[-1] < self._part_samples:
             return
-        frame = self._codec.frame
-        before, after = MARGIN_FRAMES * frame, self._codec.lead + MARGIN_FRAMES * frame
-        cut = -(-(start + before) // frame) * frame
-        if cut + after <= end and cut - self._codec.pad >= self._position:
+        cut, last = cut_range(start, end, self._codec)
+        if cut <= last and cut - self._codec.pad >= self._position:
             self._next_cut = cut
 
     def feed(self, values: np.ndarray) -> None:

@@ -111,10 +111,17 @@ def global_gain_db(measured: Measurement, target: LoudnessTarget) -> float:
     over the limit, in which case stop at the limit (minus the rounding margin)."""
     if not math.isfinite(measured.integrated_lufs) or measured.integrated_lufs <= ABSOLUTE_GATE_LUFS:
         return 0.0
-    gain = target.integrated_lufs - measured.integrated_lufs
-    if math.isfinite(measured.true_peak_dbtp):
-        gain = min(gain, target.true_peak_dbtp - TRUE_PEAK_SAFETY_DB - measured.true_peak_dbtp)
-    return gain
+    return min(
+        target.integrated_lufs - measured.integrated_lufs, peak_gain_limit_db(measured.true_peak_dbtp, target)
+    )
+
+
+def peak_gain_limit_db(true_peak_dbtp: float, target: LoudnessTarget) -> float:
+    """The most gain a true peak allows under the target's limit (less the rounding margin); inf where
+    the peak is not a number (silence, or not measured)."""
+    if not math.isfinite(true_peak_dbtp):
+        return math.inf
+    return target.true_peak_dbtp - TRUE_PEAK_SAFETY_DB - true_peak_dbtp
 
 
 def report_for(mode: str, measured: Measurement | None, gain_db: float) -> LoudnessReport:

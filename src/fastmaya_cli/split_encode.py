@@ -42,6 +42,14 @@ def part_count(total: int, sample_rate: int, workers: int) -> int:
     return max(1, min(workers, int(total / (MIN_PART_SECONDS * sample_rate))))
 
 
+def cut_range(start: int, end: int, codec: StreamCodec) -> tuple[int, int]:
+    """The first and last cut positions a silence ``[start, end)`` allows: multiples of the frame with
+    the margin of silence before them and ``lead`` plus the margin after them (none where first > last)."""
+    frame = codec.frame
+    before, after = MARGIN_FRAMES * frame, codec.lead + MARGIN_FRAMES * frame
+    return -(-(start + before) // frame) * frame, (end - after) // frame * frame
+
+
 def plan_cuts(total: int, silences: Sequence[tuple[int, int]], parts: int, codec: StreamCodec) -> list[int]:
     """Cut positions for about ``parts`` equal parts of a ``total``-sample timeline, for ``codec``.
 
@@ -58,8 +66,8 @@ def plan_cuts(total: int, silences: Sequence[tuple[int, int]], parts: int, codec
         return []  # the first part's priming must land on silence
     ranges: list[tuple[int, int]] = []  # allowed cut positions, inclusive, ascending
     for start, end in silences:
-        low = max(-(-(start + before) // frame), -(-after // frame)) * frame
-        high = min(end - after, total - after) // frame * frame
+        low, high = cut_range(start, min(end, total), codec)
+        low = max(low, -(-after // frame) * frame)  # room for the first part's priming
         if low <= high:
             ranges.append((low, high))
     if not ranges:
