@@ -63,7 +63,8 @@ def test_parts_end_in_silence_at_frames_and_are_fed_what_the_finish_would_feed()
         received[index] = np.concatenate(blocks)
         return Path(f"/part{index}")
 
-    early = EarlyParts(AAC, 40_000, 2, encode, lambda: (-3.0, math.inf))
+    # Room for every part to wait: on a loaded machine a part may otherwise be left to the finish.
+    early = EarlyParts(AAC, 40_000, 2, encode, lambda: (-3.0, math.inf), max_waiting=1000)
     timeline: list[np.ndarray] = [np.zeros(6000, dtype=np.float32)]  # the head
     early.feed(timeline[0])
     silences = []

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,43 @@ def test_true_peak_measured_in_ranges_is_the_books(tmp_path: Path, monkeypatch: 
     assert report.true_peak_dbtp_before == pytest.approx(reference.true_peak_dbtp, abs=0.05)
     assert report.integrated_lufs_before == pytest.approx(reference.integrated_lufs, abs=0.05)
     assert reference.true_peak_dbtp > 0.0  # inter-sample overs: a sample peak would read 0.9
+
+
+@needs_ffmpeg
+def test_the_join_starts_before_the_last_part_is_encoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The join copies the first parts while a later one is still being encoded, and still waits for it."""
+    monkeypatch.setattr(split_encode, "MIN_PART_SECONDS", 10.0)
+    events: list[str] = []
+    real_writer, real_write_bytes, real_remux = (
+        Assembler._part_writer,
+        FfmpegWriter.write_bytes,
+        FfmpegWriter.remux,
+    )
+
+    def part_writer(self: Assembler, codec: StreamCodec, path: Path, shown: Path | str) -> FfmpegWriter:
+        if ".part2." in path.name:
+            time.sleep(1.0)  # a slow encoder for the last part
+            events.append("last part encoding")
+        return real_writer(self, codec, path, shown)
+
+    def remux(*args: object) -> FfmpegWriter:
+        writer = real_remux(*args)  # type: ignore[arg-type]
+        writer.joining = True  # type: ignore[attr-defined]
+        return writer
+
+    def write_bytes(self: FfmpegWriter, data: bytes) -> None:
+        if getattr(self, "joining", False) and (not events or events[-1] != "joining"):
+            events.append("joining")
+        real_write_bytes(self, data)
+
+    monkeypatch.setattr(Assembler, "_part_writer", part_writer)
+    monkeypatch.setattr(FfmpegWriter, "remux", remux)
+    monkeypatch.setattr(FfmpegWriter, "write_bytes", write_bytes)
+    segments = book_segments(45.0)
+    result, _ = render(tmp_path / "book.m4b", "m4b", 3, segments)
+    assert events == ["joining", "last part encoding", "joining"]
+    assert result.finish_steps["encode"] >= 1.0  # type: ignore[attr-defined]
+    whole, _ = render(tmp_path / "whole.m4b", "m4b", 1, segments)
+    assert decode(tmp_path / "book.m4b").shape == decode(tmp_path / "whole.m4b").shape

@@ -57,7 +57,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -70,6 +70,7 @@ import soundfile as sf
 
 from fastmaya_cli.early_parts import EARLY_PART_SECONDS, EarlyPart, EarlyParts, reuse_gain
 from fastmaya_cli.errors import RuntimeFailure
+from fastmaya_cli.lanes import Lane
 from fastmaya_cli.loudness import (
     ABSOLUTE_GATE_LUFS,
     LoudnessMeter,
@@ -336,6 +337,13 @@ class Assembler:
         self._direct_writer: SoundfileWriter | None = None
         self._meter: LoudnessMeter | None = None
         self._peaks: RangePeakMeters | None = None
+        # The encoder of the intermediate (or direct) file, and the loudness meter's pipe, each take
+        # about as long as everything else the assembler does: they run beside it (see lanes).
+        self._writing: Lane | None = None
+        self._metering: Lane | None = None
+        self._written = 0  # samples the writing lane has written
+        self._metered = 0  # and the metering lane has fed the meter
+        self._metered_more = threading.Condition()
         self._temps: list[Path] = []
         self._temps_lock = threading.Lock()
         self._cancel = threading.Event()
@@ -391,7 +399,8 @@ class Assembler:
             end = start + len(audio)
             self._note_chapter(seg, start)
             if self._early is not None and self._chunks and start > self._last_end:
-                self._early.offer_silence(self._last_end, start)
+                assert self._writing is not None  # in order with the samples the writing lane feeds it
+                self._writing.submit(self._early.offer_silence, self._last_end, start)
             self._mix(start, audio)
             self._next_start = end + self._pause_table[seg.boundary] - self._crossfade
             # A later segment starts at _next_start at the earliest; all before it is final.
@@ -475,16 +484,32 @@ class Assembler:
         self._pending = self._pending[count:].copy()
 
     def _write_timeline(self, block: np.ndarray, silence_follows: bool = False) -> None:
+        """Hand ``block``, the next final samples of the book, to the lanes; it is not changed afterwards."""
+        assert self._writing is not None
         if self._direct_writer is not None:
-            self._clipped += int(np.count_nonzero(np.abs(block) > 1.0))
-            self._direct_writer.write(block)  # clips
-            self._flushed += len(block)
-            return
-        if self._meter is not None and self._peaks is not None:
-            if self._early is not None and len(block):
-                self._sample_peak = max(self._sample_peak, float(np.abs(block).max()))
-            self._meter.feed(block)
-            self._peaks.feed(block, silence_follows)  # a new range may begin after this block
+            self._writing.submit(self._write_direct, block)
+        else:
+            if self._metering is not None and self._peaks is not None:
+                self._metering.submit(self._measure, block)
+                self._peaks.feed(block, silence_follows)  # a new range may begin after this block
+            self._writing.submit(self._write_intermediate, block)
+        self._flushed += len(block)
+
+    def _write_direct(self, block: np.ndarray) -> None:
+        assert self._direct_writer is not None
+        self._clipped += int(np.count_nonzero(np.abs(block) > 1.0))
+        self._direct_writer.write(block)  # clips
+
+    def _measure(self, block: np.ndarray) -> None:
+        assert self._meter is not None
+        if self._early is not None and len(block):
+            self._sample_peak = max(self._sample_peak, float(np.abs(block).max()))
+        self._meter.feed(block)
+        with self._metered_more:
+            self._metered += len(block)
+            self._metered_more.notify_all()
+
+    def _write_intermediate(self, block: np.ndarray) -> None:
         stored = block * _HEADROOM
         over = np.abs(stored) > 1.0
         if over.any():
@@ -496,9 +521,9 @@ class Assembler:
             self._intermediate.write(pcm)
         except (sf.LibsndfileError, OSError, AssertionError) as error:
             raise write_failure(self._shown_name(), error) from error
+        self._written += len(block)
         if self._early is not None:
             self._early.feed(pcm.astype(np.float32) * _PCM24_READ_BACK)  # what the finish reads back
-        self._flushed += len(block)
 
     # ------------------------------------------------------------------------------------ files / states
 
@@ -522,6 +547,7 @@ class Assembler:
             work_dir = spec.path.parent
         self._work_dir = work_dir
         self._state = "open"
+        self._writing = Lane("fastmaya-write")
         if self._direct:
             temp = self._reserve(self._format.suffix)
             tags = book_tags(spec.info)
@@ -547,6 +573,7 @@ class Assembler:
             # The true-peak meter is slower than an H100 renders speech: several measure ranges at once.
             ffmpeg = require_ffmpeg("it measures loudness")
             self._meter = LoudnessMeter(ffmpeg, self.sample_rate, true_peak=False)
+            self._metering = Lane("fastmaya-meter")
             meters = max(1, min(_PEAK_METERS, self._encode_workers // 2))
             range_samples = round(PEAK_RANGE_SECONDS * self.sample_rate)
             self._peaks = RangePeakMeters(ffmpeg, self.sample_rate, range_samples, meters)
@@ -579,11 +606,21 @@ class Assembler:
         if self._target is None:
             return 0.0, math.inf
         assert self._meter is not None and self._peaks is not None
+        self._wait_for_meter(self._written)
         so_far = self._meter.integrated_so_far()
         if so_far is None or not math.isfinite(so_far) or so_far <= ABSOLUTE_GATE_LUFS:
             return None, math.inf
         peak = max(self._peaks.peak_so_far(), 20 * math.log10(max(self._sample_peak, 1e-10)))
         return self._target.integrated_lufs - so_far, peak_gain_limit_db(peak, self._target)
+
+    def _wait_for_meter(self, samples: int) -> None:
+        """Until the meter has been fed ``samples`` (it may lag the writing lane by a few blocks), so that
+        an early part's gain counts its own samples; not if the metering lane stopped."""
+        with self._metered_more:
+            while self._metered < samples and not self._cancel.is_set():
+                if self._metering is None or self._metering.stopped:
+                    return
+                self._metered_more.wait(0.05)
 
     def _encode_early(self, codec: StreamCodec, index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
         path = self._reserve(f".early{index}.{codec.muxer}")
@@ -613,12 +650,20 @@ class Assembler:
     def _abort(self) -> None:
         self._state = "failed"
         self._cancel.set()
+        if self._writing is not None:
+            self._writing.cancel()  # its call at work writes to a file, and ends by itself
+            self._writing = None
+        if self._metering is not None:
+            self._metering.cancel(wait=False)  # its call at work may wait on the meter's pipe...
+        if self._meter is not None:
+            self._meter.abort()  # ...which this closes
+        if self._metering is not None:
+            self._metering.cancel()
+            self._metering = None
         if self._early is not None:
             self._early.abort()
             self._early = None
-        if self._meter is not None:
-            self._meter.abort()
-            self._meter = None
+        self._meter = None
         if self._peaks is not None:
             self._peaks.abort()
             self._peaks = None
@@ -675,6 +720,10 @@ class Assembler:
         )
         if total != expected:  # the two descriptions of the timeline must agree to the sample
             raise RuntimeError(f"assembled {total} samples, expected {expected}")
+        for lane in (self._writing, self._metering):
+            if lane is not None:
+                lane.join()
+        self._writing = self._metering = None
         if self._direct_writer is None:
             assert self._intermediate is not None
             try:
@@ -974,36 +1023,63 @@ class Assembler:
         """Encode the parts between the cuts at once, but for those already ``encoded`` (by index), then
         join them into the output's container."""
         shown = output.final if output.final is not None else "stdout"
-        ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
         sources = part_sources(cuts, output.end_sample, codec)
         parts = [
             encoded[index] if index in encoded else self._reserve(f".part{index}.{codec.muxer}")
             for index in range(len(sources))
         ]
 
-        def encode(index: int) -> None:
-            if self._cancel.is_set():
-                return
-            writer = self._part_writer(codec, parts[index], shown)
-            self._encode_blocks(writer, self._intermediate_blocks(*sources[index]), factor)
+        def encode(index: int) -> float:
+            if not self._cancel.is_set():
+                writer = self._part_writer(codec, parts[index], shown)
+                self._encode_blocks(writer, self._intermediate_blocks(*sources[index]), factor)
+            return time.perf_counter()
 
-        self._run_all([partial(encode, index) for index in range(len(parts)) if index not in encoded])
-        self._lap("encode")
+        # The join copies the parts in order while the rest are still being encoded: it is one ffmpeg,
+        # bound by its time per packet, and need not wait for the last encoder to start.
+        missing = [index for index in range(len(parts)) if index not in encoded]
+        workers = max(1, min(len(missing), self._encode_workers - 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastmaya-encode") as pool:
+            encoding = {index: pool.submit(encode, index) for index in missing}
+            try:
+                self._join_parts(output, cover, codec, parts, encoding, shown)
+            except BaseException:
+                self._cancel.set()  # the encoders stop at their next block
+                raise
+
+    def _join_parts(
+        self,
+        output: _Output,
+        cover: Path | None,
+        codec: StreamCodec,
+        parts: list[Path],
+        encoding: dict[int, Future[float]],
+        shown: Path | str,
+    ) -> None:
+        """Join the parts into the output's container, each as soon as its encoder (if any) is done. The
+        finish's steps: ``encode`` until the last encoder is done, ``join`` the time after it."""
+        ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
+        started = self._lap_at
         metadata = self._metadata_file(output, shown)
         writer = FfmpegWriter.remux(ffmpeg, output.temp, self._format, codec, metadata, cover, shown)
         try:
-            for part in parts:
+            for index, part in enumerate(parts):
+                if index in encoding:
+                    encoding[index].result()
                 with part.open("rb") as stream:
                     while block := stream.read(_COPY_BLOCK):
                         if self._cancel.is_set():
                             raise RuntimeError("cancelled")
                         writer.write_bytes(block)
                 remove_quietly(part)  # the joined copy replaces it: give the disk back now
+            encoded_at = max((future.result() for future in encoding.values()), default=started)
             writer.close()
         except BaseException:
             writer.abort()
             raise
         _make_durable(output.temp, shown)
+        self._finish_steps["encode"] = self._finish_steps.get("encode", 0.0) + encoded_at - started
+        self._lap_at = encoded_at
         self._lap("join")
 
     # ----------------------------------------------------------------------------------- manifest, cues
