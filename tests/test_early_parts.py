@@ -14,7 +14,17 @@ import pytest
 
 from fastmaya_cli import assemble
 from fastmaya_cli.assemble import Assembler, BookInfo, OutputSpec, Pauses, Segment
-from fastmaya_cli.early_parts import GAIN_TOLERANCE_DB, EarlyPart, EarlyParts, reuse_gain, speculative_gain
+from fastmaya_cli.early_parts import (
+    GAIN_TOLERANCE_DB,
+    LEFT_AT_END,
+    LEFT_BUSY,
+    LEFT_NO_ESTIMATE,
+    WAITING_SECONDS,
+    EarlyPart,
+    EarlyParts,
+    reuse_gain,
+    speculative_gain,
+)
 from fastmaya_cli.loudness import LoudnessMeter
 from fastmaya_cli.outputs import STREAM_CODECS
 from fastmaya_cli.split_encode import MARGIN_FRAMES, part_sources
@@ -101,14 +111,14 @@ def test_a_part_without_a_gain_or_an_encoder_is_left_to_the_finish() -> None:
         encoded.append(index)
         return Path(f"/part{index}")
 
-    for estimate, waiting in (((None, math.inf), 4), ((-2.0, math.inf), 0)):
+    for estimate, waiting, why in (((None, math.inf), 4, LEFT_NO_ESTIMATE), ((-2.0, math.inf), 0, LEFT_BUSY)):
         early = EarlyParts(AAC, 10_000, 1, encode, lambda estimate=estimate: estimate, max_waiting=waiting)
         early.feed(np.zeros(5000, dtype=np.float32))
         early.feed(np.ones(20_000, dtype=np.float32))
         early.offer_silence(25_000, 40_000)
         early.feed(np.zeros(15_000, dtype=np.float32))
         parts = early.finish()
-        assert len(parts) == 1 and parts[0].path is None
+        assert len(parts) == 1 and parts[0].path is None and parts[0].left == why
     assert encoded == []
 
 
@@ -130,6 +140,7 @@ def test_a_part_still_waiting_for_an_encoder_is_left_to_the_finish() -> None:
     threading.Timer(0.2, release.set).start()
     parts = early.finish()
     assert [p.path for p in parts] == [Path("/part0"), None]
+    assert [p.left for p in parts] == ["", LEFT_AT_END]
 
 
 @needs_ffmpeg
@@ -168,7 +179,7 @@ def patient(monkeypatch: pytest.MonkeyPatch) -> list[EarlyParts]:
 
     class Recorded(EarlyParts):
         def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs, max_waiting=100)  # type: ignore[arg-type, misc]
+            super().__init__(*args, **{**kwargs, "max_waiting": 100})  # type: ignore[arg-type]
             made.append(self)
 
         def finish(self) -> list[EarlyPart]:
@@ -245,6 +256,10 @@ def test_a_book_that_grows_louder_still_has_one_gain(
     assert len(gains) >= 2  # the loudness so far moved: early parts were encoded at several gains
     book_seconds = sum(p.stop - p.start for p in parts) / SR
     assert 0 < result.encoded_early < book_seconds  # type: ignore[attr-defined]
+    tally = result.early_parts  # type: ignore[attr-defined]
+    assert (
+        tally.get("kept", 0) >= 1 and tally.get("another gain", 0) >= 1 and sum(tally.values()) == len(parts)
+    )
     gain = result.loudness.gain_db  # type: ignore[attr-defined]
     exact = reference.loudness.gain_db  # type: ignore[attr-defined]
     assert gain in gains and abs(gain - exact) <= GAIN_TOLERANCE_DB
@@ -283,3 +298,24 @@ def test_early_parts_are_not_used_where_they_cannot_pay(tmp_path: Path, patient:
                 assembler.add(segment)
             assert assembler.finish().encoded_early == 0
     assert patient == []
+
+
+@needs_ffmpeg
+def test_a_burst_of_parts_may_wait_for_the_early_encoders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts come in bursts when the chunk the book waited for arrives: as many may wait as
+    ``WAITING_SECONDS`` of the book, not just two per encoder."""
+    asked: list[int] = []
+
+    class Recorded(EarlyParts):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            asked.append(kwargs["max_waiting"])  # type: ignore[arg-type]
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(assemble, "EarlyParts", Recorded)
+    spec = OutputSpec(tmp_path / "book.m4b", "m4b", sample_rate=SR, loudness="off")
+    with Assembler(spec, Pauses(), encode_workers=8, early_part_seconds=60.0) as assembler:
+        assembler.add(book_segments(3.0)[0])
+        assembler.finish()
+    assert asked == [math.ceil(WAITING_SECONDS / 60.0)] and asked[0] > 2 * 2

@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from fastmaya_cli.early_parts import EARLY_PART_SECONDS, EarlyPart, EarlyParts, reuse_gain
+from fastmaya_cli.early_parts import EARLY_PART_SECONDS, WAITING_SECONDS, EarlyPart, EarlyParts, reuse_gain
 from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.lanes import Lane
 from fastmaya_cli.loudness import (
@@ -223,6 +223,7 @@ class AssemblyResult:
     chapters: tuple[ChapterMark, ...]
     warnings: tuple[str, ...] = ()
     encoded_early: float = 0.0  # seconds of the book whose encode, made while it rendered, was kept
+    early_parts: dict[str, int] = field(default_factory=dict)  # parts: kept, at another gain, or why left
     finish_steps: dict[str, float] = field(default_factory=dict)  # seconds each step of finish() took
 
 
@@ -592,12 +593,14 @@ class Assembler:
         ):
             return None
         require_ffmpeg(f"it is needed to write {self._format.name} files")
+        workers = max(1, self._encode_workers // _EARLY_SHARE)
         return EarlyParts(
             codec,
             round(self._early_part_seconds * self.sample_rate),
-            max(1, self._encode_workers // _EARLY_SHARE),
+            workers,
             partial(self._encode_early, codec),
             self._estimated_gain,
+            max_waiting=max(2 * workers, math.ceil(WAITING_SECONDS / self._early_part_seconds)),
         )
 
     def _estimated_gain(self) -> tuple[float | None, float]:
@@ -816,6 +819,7 @@ class Assembler:
             chapters=tuple(chapters),
             warnings=tuple(warnings),
             encoded_early=sum(early[index].stop - early[index].start for index in kept) / self.sample_rate,
+            early_parts=_early_tally(early, kept),
             finish_steps={name: round(seconds, 3) for name, seconds in self._finish_steps.items()},
         )
 
@@ -1158,6 +1162,15 @@ class Assembler:
                 end = min(end, self._chunks[position + 1].start_sample)
             cues.append(Cue(record.start_sample / sr, end / sr, record.text))
         return cues
+
+
+def _early_tally(early: Sequence[EarlyPart], kept: dict[int, Path]) -> dict[str, int]:
+    """How many early parts were kept, encoded at another gain, or left to the finish (and why)."""
+    tally: dict[str, int] = {}
+    for index, part in enumerate(early):
+        key = "kept" if index in kept else ("another gain" if part.path is not None else part.left)
+        tally[key] = tally.get(key, 0) + 1
+    return tally
 
 
 def _make_durable(temp: Path, shown: Path | str) -> None:

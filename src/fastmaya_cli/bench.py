@@ -192,6 +192,7 @@ def _run_render(  # noqa: ANN001
             "finish_s": round(result.finish_s, 2),
             "encoded_early_s": round(result.encoded_early_s, 1),
             "finish_steps_s": result.finish_steps,
+            "early_parts": result.early_parts,
         },
     )
 

@@ -16,7 +16,9 @@ describes becomes its end. The parts are fed exactly as ``split_encode.part_sour
 with those the finish encodes.
 
 Memory stays bounded: a part waits in memory only until an encoder takes it, and a part that finds
-``max_waiting`` parts already waiting is not encoded early but left to the finish.
+``max_waiting`` parts already waiting is not encoded early but left to the finish. The assembler lets
+``WAITING_SECONDS`` of the book wait: its samples come in bursts, whenever the chunk it waited for in book
+order arrives and the audio decoded ahead of it follows at once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from fastmaya_cli.split_encode import cut_range
 GAIN_STEP_DB = 0.1  # the grid early gains sit on, so that parts share one
 GAIN_TOLERANCE_DB = 0.25  # how far the book's gain may sit from the exact one to reuse early parts
 EARLY_PART_SECONDS = 120.0  # of the book per early part
+# Of the book waiting for an encoder at most (0.35 GB of float32 at 48 kHz): a burst as long as the
+# audio the renderer decodes ahead (render.DECODED_AHEAD_S) is encoded early, not left to the finish.
+WAITING_SECONDS = 1800.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,13 @@ class EarlyPart:
     stop: int
     path: Path | None  # its bare stream; None where it was not encoded early (or its encoder failed)
     gain_db: float
+    left: str = ""  # why it was not encoded early: LEFT_NO_ESTIMATE, LEFT_BUSY, LEFT_AT_END or LEFT_FAILED
+
+
+LEFT_NO_ESTIMATE = "no loudness yet"
+LEFT_BUSY = "encoders busy"
+LEFT_AT_END = "still waiting at the end"
+LEFT_FAILED = "encoder failed"
 
 
 def speculative_gain(loudness_db: float, peak_limit_db: float, previous_db: float | None) -> float:
@@ -105,6 +117,7 @@ class EarlyParts:
         self._waiting = 0
         self._futures: list[Future[Path] | None] = []
         self._gains: list[float] = []
+        self._left: dict[int, str] = {}  # why a part was left to the finish, by index
         self._cuts: list[int] = [0]  # where each part starts; the last one is still collecting
         self._next_cut: int | None = None
         self._position = 0  # samples fed so far
@@ -153,10 +166,15 @@ class EarlyParts:
         self._blocks = []
         parts = []
         for index, future in enumerate(self._futures):
-            path = None
-            if future is not None and not future.cancelled() and future.exception() is None:
-                path = future.result()
-            parts.append(EarlyPart(self._cuts[index], self._cuts[index + 1], path, self._gains[index]))
+            path, left = None, self._left.get(index, "")
+            if future is not None:
+                if future.cancelled():
+                    left = LEFT_AT_END
+                elif future.exception() is not None:
+                    left = LEFT_FAILED
+                else:
+                    path = future.result()
+            parts.append(EarlyPart(self._cuts[index], self._cuts[index + 1], path, self._gains[index], left))
         return parts
 
     def abort(self) -> None:
@@ -172,6 +190,7 @@ class EarlyParts:
         if loudness_db is None or not math.isfinite(loudness_db) or full:
             self._futures.append(None)  # the finish encodes this part
             self._gains.append(math.nan)
+            self._left[index] = LEFT_BUSY if full else LEFT_NO_ESTIMATE
             return
         self._gain = speculative_gain(loudness_db, peak_limit_db, self._gain)
         with self._lock:

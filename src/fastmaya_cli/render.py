@@ -112,6 +112,7 @@ class RenderResult:
     finish_s: float = 0.0  # loudness gain and the final encode, after the last chunk
     encoded_early_s: float = 0.0  # audio whose encode made while rendering was kept (see early_parts)
     finish_steps: dict[str, float] = field(default_factory=dict)  # AssemblyResult.finish_steps
+    early_parts: dict[str, int] = field(default_factory=dict)  # AssemblyResult.early_parts
 
 
 def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> float:
@@ -417,6 +418,7 @@ class Renderer:
             finish_s=finished - decoded,
             encoded_early_s=assembled.encoded_early,
             finish_steps=assembled.finish_steps,
+            early_parts=assembled.early_parts,
         )
 
     def _request(self, index: int, state: ChunkState) -> Request:
