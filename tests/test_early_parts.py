@@ -7,17 +7,19 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fastmaya_cli import assemble
+from fastmaya_cli import assemble, split_encode
 from fastmaya_cli.assemble import Assembler, BookInfo, OutputSpec, Pauses, Segment
 from fastmaya_cli.early_parts import (
     GAIN_TOLERANCE_DB,
     LEFT_AT_END,
     LEFT_BUSY,
+    LEFT_CUT_SHORT,
     LEFT_NO_ESTIMATE,
     WAITING_SECONDS,
     EarlyPart,
@@ -69,8 +71,8 @@ def test_parts_end_in_silence_at_frames_and_are_fed_what_the_finish_would_feed()
     frame, margin = AAC.frame, MARGIN_FRAMES * AAC.frame
     received: dict[int, np.ndarray] = {}
 
-    def encode(index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
-        received[index] = np.concatenate(blocks)
+    def encode(index: int, blocks: Iterable[np.ndarray], gain_db: float) -> Path:
+        received[index] = np.concatenate(list(blocks))
         return Path(f"/part{index}")
 
     # Room for every part to wait: on a loaded machine a part may otherwise be left to the finish.
@@ -107,7 +109,7 @@ def test_parts_end_in_silence_at_frames_and_are_fed_what_the_finish_would_feed()
 def test_a_part_without_a_gain_or_an_encoder_is_left_to_the_finish() -> None:
     encoded: list[int] = []
 
-    def encode(index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
+    def encode(index: int, blocks: Iterable[np.ndarray], gain_db: float) -> Path:
         encoded.append(index)
         return Path(f"/part{index}")
 
@@ -125,7 +127,9 @@ def test_a_part_without_a_gain_or_an_encoder_is_left_to_the_finish() -> None:
 def test_a_part_still_waiting_for_an_encoder_is_left_to_the_finish() -> None:
     started, release = threading.Event(), threading.Event()
 
-    def encode(index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
+    def encode(index: int, blocks: Iterable[np.ndarray], gain_db: float) -> Path:
+        for _ in blocks:  # all fed: the finish waits for this encoder
+            pass
         started.set()
         assert release.wait(10)
         return Path(f"/part{index}")
@@ -141,6 +145,31 @@ def test_a_part_still_waiting_for_an_encoder_is_left_to_the_finish() -> None:
     parts = early.finish()
     assert [p.path for p in parts] == [Path("/part0"), None]
     assert [p.left for p in parts] == ["", LEFT_AT_END]
+
+
+def test_a_part_less_than_half_encoded_at_the_end_is_cut_short() -> None:
+    """Its encoder stops, and the finish, which shares it among every core, encodes it again."""
+    started, release = threading.Event(), threading.Event()
+    taken: list[int] = []
+
+    def encode(index: int, blocks: Iterable[np.ndarray], gain_db: float) -> Path:
+        for block in blocks:
+            taken.append(len(block))
+            started.set()
+            assert release.wait(10)  # slow: one block of many taken when the book ends
+        return Path(f"/part{index}")
+
+    early = EarlyParts(AAC, 10_000, 1, encode, lambda: (-2.0, math.inf))
+    early.feed(np.zeros(5000, dtype=np.float32))
+    for block in np.array_split(np.ones(20_000, dtype=np.float32), 8):
+        early.feed(block)
+    early.offer_silence(25_000, 40_000)
+    early.feed(np.zeros(15_000, dtype=np.float32))
+    assert started.wait(10)
+    threading.Timer(0.2, release.set).start()
+    parts = early.finish()
+    assert [(p.path, p.left) for p in parts] == [(None, LEFT_CUT_SHORT)]
+    assert len(taken) == 1  # the encoder got no block after the cut
 
 
 @needs_ffmpeg
@@ -208,18 +237,23 @@ def chunk_levels(book: np.ndarray, decoded: np.ndarray, placements: list) -> lis
 def test_early_parts_are_the_bytes_the_finish_would_write(tmp_path: Path, patient: list[EarlyParts]) -> None:
     """Loudness off: the same cuts, encoded while rendering or all after it, give the same file."""
     segments = book_segments(40.0)
-    kept = render(tmp_path / "early.m4b", segments, "off", 8.0)
-    assert kept.encoded_early >= 8  # type: ignore[attr-defined]
 
-    real_finish = EarlyParts.finish
+    real_finish, real_plan = EarlyParts.finish, Assembler._split_plan
+    planned: list[tuple] = []
 
     def dropped(self: EarlyParts) -> list[EarlyPart]:
         return [dataclasses.replace(p, path=None) for p in real_finish(self)]
 
+    def plan(self: Assembler, *args: object) -> tuple | None:
+        planned.append(real_plan(self, *args))  # type: ignore[arg-type]
+        return planned[0]  # the cuts of the render that kept its early parts
+
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Assembler, "_split_plan", plan)
+        kept = render(tmp_path / "early.m4b", segments, "off", 8.0)
         patch.setattr(EarlyParts, "finish", dropped)
         again = render(tmp_path / "finish.m4b", segments, "off", 8.0)
-    assert again.encoded_early == 0  # type: ignore[attr-defined]
+    assert kept.encoded_early >= 8 and again.encoded_early == 0  # type: ignore[attr-defined]
     assert len(patient) == 2 and patient[0].cuts == patient[1].cuts and len(patient[0].cuts) >= 3
     assert (tmp_path / "early.m4b").read_bytes() == (tmp_path / "finish.m4b").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early.m4b", "finish.m4b"]  # no part left
@@ -319,3 +353,38 @@ def test_a_burst_of_parts_may_wait_for_the_early_encoders(
         assembler.add(book_segments(3.0)[0])
         assembler.finish()
     assert asked == [math.ceil(WAITING_SECONDS / 60.0)] and asked[0] > 2 * 2
+
+
+@needs_ffmpeg
+def test_what_was_not_kept_is_shared_among_every_encoder(
+    tmp_path: Path, patient: list[EarlyParts], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the first early part is kept: the rest of the book is cut anew for the finish's encoders,
+    not left in the early parts' long pieces, and the book still lines up with the one-piece encode."""
+    monkeypatch.setattr(split_encode, "MIN_PART_SECONDS", 5.0)
+    real_finish, real_plan = EarlyParts.finish, Assembler._split_plan
+    planned: list[tuple] = []
+
+    def first_only(self: EarlyParts) -> list[EarlyPart]:
+        parts = real_finish(self)
+        return parts[:1] + [dataclasses.replace(p, path=None, left=LEFT_CUT_SHORT) for p in parts[1:]]
+
+    def plan(self: Assembler, *args: object) -> tuple | None:
+        planned.append(real_plan(self, *args))  # type: ignore[arg-type]
+        return planned[-1]
+
+    monkeypatch.setattr(EarlyParts, "finish", first_only)
+    monkeypatch.setattr(Assembler, "_split_plan", plan)
+    segments = book_segments(40.0)
+    result = render(tmp_path / "book.m4b", segments, "off", 8.0)
+    early_cuts = patient[0].cuts
+    assert len(early_cuts) >= 3 and result.early_parts == {  # type: ignore[attr-defined]
+        "kept": 1,
+        LEFT_CUT_SHORT: len(early_cuts) - 1,
+    }
+    cuts = planned[0][1]
+    assert cuts[0] == early_cuts[0] and len(cuts) == 3  # the rest in one part for each other encoder
+    assert not set(cuts[1:]) & set(early_cuts)
+    reference = render(tmp_path / "whole.m4b", segments, "off", None)
+    assert reference.early_parts == {}  # type: ignore[attr-defined]
+    assert decode(tmp_path / "book.m4b").shape == decode(tmp_path / "whole.m4b").shape

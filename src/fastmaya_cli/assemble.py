@@ -625,7 +625,9 @@ class Assembler:
                     return
                 self._metered_more.wait(0.05)
 
-    def _encode_early(self, codec: StreamCodec, index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
+    def _encode_early(
+        self, codec: StreamCodec, index: int, blocks: Iterable[np.ndarray], gain_db: float
+    ) -> Path:
         path = self._reserve(f".early{index}.{codec.muxer}")
         writer = self._part_writer(codec, path, self._shown_name())
         self._encode_blocks(writer, blocks, 10 ** (gain_db / 20) / _HEADROOM)
@@ -901,11 +903,15 @@ class Assembler:
         """Encode every output; ``early`` are the parts encoded while the book rendered, of which
         ``kept`` (by part index) were encoded at the book's gain."""
         if len(outputs) == 1:
-            plan = self._split_plan(outputs[0], [part.stop for part in early])
+            kept_ranges = {index: (early[index].start, early[index].stop) for index in kept or {}}
+            plan = self._split_plan(outputs[0], list(kept_ranges.values()))
             if plan is None:
                 self._render(outputs[0], factor, cover)
             else:
-                self._render_in_parts(outputs[0], factor, cover, *plan, kept or {})
+                codec, cuts = plan
+                bounds = [0, *cuts]
+                encoded = {bounds.index(kept_ranges[index][0]): path for index, path in (kept or {}).items()}
+                self._render_in_parts(outputs[0], factor, cover, codec, cuts, encoded)
             return
         # Encoders run on one core each; with one file per chapter, encode several chapters at once.
         self._run_all([partial(self._render, output, factor, cover) for output in outputs])
@@ -987,21 +993,30 @@ class Assembler:
             ffmpeg, path, self._format, codec, self.sample_rate, self.spec.bitrate, shown
         )
 
-    def _split_plan(self, output: _Output, early_cuts: list[int]) -> tuple[StreamCodec, list[int]] | None:
+    def _split_plan(
+        self, output: _Output, kept: list[tuple[int, int]]
+    ) -> tuple[StreamCodec, list[int]] | None:
         """The codec and cuts to encode this one output in parts with (see ``split_encode``), if any:
-        ``early_cuts`` (the ends of the parts encoded while the book rendered), then cuts that share the
-        rest among the encoders."""
+        the bounds of the ``kept`` parts (encoded while the book rendered, ascending), then cuts that
+        share the rest of the book among the encoders."""
         codec = stream_codec_for(self._format, self.sample_rate)
         if codec is None or self._encode_workers < 2 or output.start_sample != 0:
             return None
-        base = early_cuts[-1] if early_cuts else 0
-        rest = output.end_sample - base
-        # An early cut lies in silence with room for the next part's priming: the rest starts silent.
-        silences = [(max(start - base, 0), end - base) for start, end in self._silences(output.end_sample)]
-        silences = [(start, end) for start, end in silences if end > 0]
-        parts = part_count(rest, self.sample_rate, self._encode_workers)
-        cuts = [*early_cuts, *(base + cut for cut in plan_cuts(rest, silences, parts, codec))]
-        return (codec, cuts) if cuts else None
+        total = output.end_sample
+        fixed = {bound for part in kept for bound in part if 0 < bound < total}
+        bounds = [0, *sorted(fixed), total]
+        free = [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if (a, b) not in kept]
+        free_total = sum(b - a for a, b in free)
+        silences = self._silences(total)
+        cuts = set(fixed)
+        for start, stop in free:
+            # A kept part's bound lies in silence with room for the next part's priming, so a free range
+            # starts silent, as plan_cuts asks of a book's head.
+            inside = [(max(a - start, 0), b - start) for a, b in silences if b > start and a < stop]
+            share = max(1, round(self._encode_workers * (stop - start) / free_total))
+            parts = part_count(stop - start, self.sample_rate, share)
+            cuts.update(start + cut for cut in plan_cuts(stop - start, inside, parts, codec))
+        return (codec, sorted(cuts)) if cuts else None
 
     def _silences(self, total: int) -> list[tuple[int, int]]:
         """The sample ranges of the timeline no segment reaches: there it is digital silence."""

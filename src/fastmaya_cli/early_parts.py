@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +49,13 @@ class EarlyPart:
     stop: int
     path: Path | None  # its bare stream; None where it was not encoded early (or its encoder failed)
     gain_db: float
-    left: str = ""  # why it was not encoded early: LEFT_NO_ESTIMATE, LEFT_BUSY, LEFT_AT_END or LEFT_FAILED
+    left: str = ""  # why it was not encoded early: one of the LEFT_ reasons below
 
 
 LEFT_NO_ESTIMATE = "no loudness yet"
 LEFT_BUSY = "encoders busy"
 LEFT_AT_END = "still waiting at the end"
+LEFT_CUT_SHORT = "cut short at the end"
 LEFT_FAILED = "encoder failed"
 
 
@@ -92,6 +93,10 @@ def reuse_gain(exact_db: float, peak_limit_db: float, parts: list[EarlyPart]) ->
     return max(covered, key=lambda gain: (covered[gain], -abs(gain - exact_db)))
 
 
+class PartCutShort(Exception):
+    """Stops the encoder of a part that the finish encodes again (see ``EarlyParts.finish``)."""
+
+
 class EarlyParts:
     """Collects the book's samples as the assembler writes them and encodes finished parts on
     ``workers`` threads. ``encode(index, blocks, gain_db)`` encodes the samples of part ``index`` into a
@@ -103,7 +108,7 @@ class EarlyParts:
         codec: StreamCodec,
         part_samples: int,
         workers: int,
-        encode: Callable[[int, list[np.ndarray], float], Path],
+        encode: Callable[[int, Iterable[np.ndarray], float], Path],
         estimate_gain: Callable[[], tuple[float | None, float]],
         max_waiting: int | None = None,
     ) -> None:
@@ -118,6 +123,8 @@ class EarlyParts:
         self._futures: list[Future[Path] | None] = []
         self._gains: list[float] = []
         self._left: dict[int, str] = {}  # why a part was left to the finish, by index
+        self._progress: dict[int, tuple[int, int]] = {}  # parts being encoded: samples fed, of all
+        self._cut_short: set[int] = set()  # parts whose encoders stop at their next block
         self._cuts: list[int] = [0]  # where each part starts; the last one is still collecting
         self._next_cut: int | None = None
         self._position = 0  # samples fed so far
@@ -160,9 +167,15 @@ class EarlyParts:
             self._next_cut = None
 
     def finish(self) -> list[EarlyPart]:
-        """Wait for the encoders at work; the parts that ended before the book did, in order. A part
-        still waiting for an encoder is left to the finish, which has every core for it."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """The parts that ended before the book did, in order. A part still waiting for an encoder, or
+        less than half encoded, is left to the finish, which shares it among every core; the encoders
+        further on are waited for."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for index, (fed, total) in self._progress.items():
+                if fed < total / 2:
+                    self._cut_short.add(index)
+        self._pool.shutdown(wait=True)
         self._blocks = []
         parts = []
         for index, future in enumerate(self._futures):
@@ -170,6 +183,8 @@ class EarlyParts:
             if future is not None:
                 if future.cancelled():
                     left = LEFT_AT_END
+                elif index in self._cut_short:
+                    left = LEFT_CUT_SHORT
                 elif future.exception() is not None:
                     left = LEFT_FAILED
                 else:
@@ -201,4 +216,19 @@ class EarlyParts:
     def _run(self, index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
         with self._lock:
             self._waiting -= 1  # taken by an encoder: it now streams the blocks out
-        return self._encode(index, blocks, gain_db)
+            self._progress[index] = (0, sum(len(block) for block in blocks))
+        try:
+            return self._encode(index, self._counted(index, blocks), gain_db)
+        finally:
+            with self._lock:
+                del self._progress[index]
+
+    def _counted(self, index: int, blocks: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """The part's blocks, counted as the encoder takes them; stops the encoder if cut short."""
+        for block in blocks:
+            with self._lock:
+                if index in self._cut_short:
+                    raise PartCutShort(index)
+                fed, total = self._progress[index]
+                self._progress[index] = (fed + len(block), total)
+            yield block
