@@ -29,13 +29,16 @@ Streaming: only samples a later segment may still overlap stay in memory (betwee
 F samples; during one, that segment plus its pause). Everything before is appended at once to a hidden
 24-bit FLAC file beside the output (stored 12 dB down, so sums above full scale survive; about 0.3 GB per
 hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meters: one for loudness, and
-true-peak meters that measure ranges of the book at once (``loudness.RangePeakMeters``). ``finish``
+true-peak meters that measure ranges of the book at once (``loudness.RangePeakMeters``). The file's
+encoder and the loudness meter's pipe each run on a lane of their own (``lanes.Lane``), beside the thread
+that mixes the segments: each costs about as much as all the rest. ``finish``
 waits for the last of them, reads the file back once per output, applies the one global gain, encodes to
 a hidden temporary name beside the final one, and only when every file (audio, manifest, subtitles) is
 complete moves them into place with ``os.replace``. With
 ``split_chapters`` the chapter files are encoded in parallel; one m4b, m4a or mp3 file is encoded in parts
 at once, cut in silence and joined without encoding again (see ``split_encode``), and most of those parts
-are encoded while the book renders, at the gain the book so far asks for (see ``early_parts``).
+are encoded while the book renders, at the gain the book so far asks for (see ``early_parts``). What was not
+kept is cut anew for every encoder, and the join copies each part as soon as it is encoded.
 
 Direct: a single FLAC file with loudness off needs no gain, so there is nothing to wait for. The
 timeline is then encoded straight into the output's temporary file as it is emitted: no intermediate,
