@@ -147,8 +147,10 @@ def test_a_part_still_waiting_for_an_encoder_is_left_to_the_finish() -> None:
     assert [p.left for p in parts] == ["", LEFT_AT_END]
 
 
-def test_a_part_less_than_half_encoded_at_the_end_is_cut_short() -> None:
-    """Its encoder stops, and the finish, which shares it among every core, encodes it again."""
+@pytest.mark.parametrize("longest_wait", [5000, 100_000])
+def test_a_part_with_much_left_to_encode_at_the_end_is_cut_short(longest_wait: int) -> None:
+    """Its encoder stops, and the finish, which shares it among every core, encodes it again; with
+    less left than ``longest_wait``, it is waited for."""
     started, release = threading.Event(), threading.Event()
     taken: list[int] = []
 
@@ -167,9 +169,13 @@ def test_a_part_less_than_half_encoded_at_the_end_is_cut_short() -> None:
     early.feed(np.zeros(15_000, dtype=np.float32))
     assert started.wait(10)
     threading.Timer(0.2, release.set).start()
-    parts = early.finish()
-    assert [(p.path, p.left) for p in parts] == [(None, LEFT_CUT_SHORT)]
-    assert len(taken) == 1  # the encoder got no block after the cut
+    parts = early.finish(longest_wait)
+    if longest_wait == 5000:  # about 17,000 samples were left
+        assert [(p.path, p.left) for p in parts] == [(None, LEFT_CUT_SHORT)]
+        assert len(taken) == 1  # the encoder got no block after the cut
+    else:
+        assert [(p.path, p.left) for p in parts] == [(Path("/part0"), "")]
+        assert len(taken) > 8  # every block
 
 
 @needs_ffmpeg
@@ -211,9 +217,9 @@ def patient(monkeypatch: pytest.MonkeyPatch) -> list[EarlyParts]:
             super().__init__(*args, **{**kwargs, "max_waiting": 100})  # type: ignore[arg-type]
             made.append(self)
 
-        def finish(self) -> list[EarlyPart]:
+        def finish(self, longest_wait: int = 0) -> list[EarlyPart]:
             self._pool.shutdown(wait=True)  # every part submitted is encoded, however slow this machine
-            return super().finish()
+            return super().finish(longest_wait)
 
     monkeypatch.setattr(assemble, "EarlyParts", Recorded)
     return made
@@ -241,8 +247,8 @@ def test_early_parts_are_the_bytes_the_finish_would_write(tmp_path: Path, patien
     real_finish, real_plan = EarlyParts.finish, Assembler._split_plan
     planned: list[tuple] = []
 
-    def dropped(self: EarlyParts) -> list[EarlyPart]:
-        return [dataclasses.replace(p, path=None) for p in real_finish(self)]
+    def dropped(self: EarlyParts, *args: int) -> list[EarlyPart]:
+        return [dataclasses.replace(p, path=None) for p in real_finish(self, *args)]
 
     def plan(self: Assembler, *args: object) -> tuple | None:
         planned.append(real_plan(self, *args))  # type: ignore[arg-type]
@@ -365,8 +371,8 @@ def test_what_was_not_kept_is_shared_among_every_encoder(
     real_finish, real_plan = EarlyParts.finish, Assembler._split_plan
     planned: list[tuple] = []
 
-    def first_only(self: EarlyParts) -> list[EarlyPart]:
-        parts = real_finish(self)
+    def first_only(self: EarlyParts, *args: int) -> list[EarlyPart]:
+        parts = real_finish(self, *args)
         return parts[:1] + [dataclasses.replace(p, path=None, left=LEFT_CUT_SHORT) for p in parts[1:]]
 
     def plan(self: Assembler, *args: object) -> tuple | None:

@@ -113,7 +113,14 @@ from fastmaya_cli.outputs import (
     write_failure,
     write_text_file,
 )
-from fastmaya_cli.split_encode import MARGIN_FRAMES, available_cpus, part_count, part_sources, plan_cuts
+from fastmaya_cli.split_encode import (
+    MARGIN_FRAMES,
+    available_cpus,
+    min_part_samples,
+    part_count,
+    part_sources,
+    plan_cuts,
+)
 
 __all__ = [
     "BOUNDARIES",
@@ -741,7 +748,8 @@ class Assembler:
             self._intermediate = None
 
         self._lap("tail")
-        early = self._early.finish() if self._early is not None else []
+        # A part with more left to encode than the finish gives one encoder waits no longer than that.
+        early = self._early.finish(min_part_samples(self.sample_rate)) if self._early is not None else []
         self._early = None
         self._lap("early_encoders")
         warnings: list[str] = []

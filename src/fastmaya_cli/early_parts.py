@@ -166,14 +166,14 @@ class EarlyParts:
             self._cuts.append(self._next_cut)
             self._next_cut = None
 
-    def finish(self) -> list[EarlyPart]:
+    def finish(self, longest_wait: int = 0) -> list[EarlyPart]:
         """The parts that ended before the book did, in order. A part still waiting for an encoder, or
-        less than half encoded, is left to the finish, which shares it among every core; the encoders
-        further on are waited for."""
+        with more than ``longest_wait`` samples still to encode, is left to the finish, which shares it
+        among every core; the encoders with less to do are waited for."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             for index, (fed, total) in self._progress.items():
-                if fed < total / 2:
+                if total - fed > longest_wait:
                     self._cut_short.add(index)
         self._pool.shutdown(wait=True)
         self._blocks = []

@@ -37,9 +37,14 @@ def available_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def min_part_samples(sample_rate: int) -> int:
+    """The shortest part worth its own encoder."""
+    return round(MIN_PART_SECONDS * sample_rate)
+
+
 def part_count(total: int, sample_rate: int, workers: int) -> int:
     """How many parts a book of ``total`` samples is worth splitting into for ``workers`` encoders."""
-    return max(1, min(workers, int(total / (MIN_PART_SECONDS * sample_rate))))
+    return max(1, min(workers, total // min_part_samples(sample_rate)))
 
 
 def cut_range(start: int, end: int, codec: StreamCodec) -> tuple[int, int]:
