@@ -1066,9 +1066,10 @@ class Assembler:
             return time.perf_counter()
 
         # The join copies the parts in order while the rest are still being encoded: it is one ffmpeg,
-        # bound by its time per packet, and need not wait for the last encoder to start.
+        # bound by its time per packet, and need not wait for the last encoder to start. It waits for
+        # the encoders most of the time, so they keep every core.
         missing = [index for index in range(len(parts)) if index not in encoded]
-        workers = max(1, min(len(missing), self._encode_workers - 1))
+        workers = max(1, min(len(missing), self._encode_workers))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastmaya-encode") as pool:
             encoding = {index: pool.submit(encode, index) for index in missing}
             try:
