@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -343,3 +344,26 @@ def test_the_join_starts_before_the_last_part_is_encoded(
     assert result.finish_steps["encode"] >= 1.0  # type: ignore[attr-defined]
     whole, _ = render(tmp_path / "whole.m4b", "m4b", 1, segments)
     assert decode(tmp_path / "book.m4b").shape == decode(tmp_path / "whole.m4b").shape
+
+
+@needs_ffmpeg
+def test_every_encoder_works_while_the_join_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 encoders and 2 parts, both parts are encoded at once: the join takes no encoder's place."""
+    monkeypatch.setattr(split_encode, "MIN_PART_SECONDS", 10.0)
+    lock, inside, most = threading.Lock(), [0], [0]
+    real_writer = Assembler._part_writer
+
+    def part_writer(self: Assembler, codec: StreamCodec, path: Path, shown: Path | str) -> FfmpegWriter:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.5)  # long enough for the other encoder to arrive, if there is one
+        with lock:
+            inside[0] -= 1
+        return real_writer(self, codec, path, shown)
+
+    monkeypatch.setattr(Assembler, "_part_writer", part_writer)
+    planned = record_cuts(monkeypatch, "plan_cuts")
+    render(tmp_path / "book.m4b", "m4b", 2, book_segments(25.0))
+    assert len(planned) == 1 and len(planned[0]) == 1  # two parts
+    assert most[0] == 2
