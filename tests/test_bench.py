@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from fastmaya_cli import split_encode
+from fastmaya_cli import bench, split_encode
 from fastmaya_cli.bench import SPEECH_48K, StageResult, finish_book, median_pass
 from fastmaya_cli.cli import app
 
@@ -87,3 +88,65 @@ def test_finish_book_is_real_length_sentences_with_paragraphs_and_chapters():
     assert 300 <= sum(seconds) < 306 and all(2.0 <= s <= 6.0 for s in seconds)
     assert [segment.chunk_index for segment in book] == list(range(len(book)))
     assert book[3].boundary == "paragraph" and book[39].boundary == "chapter" and book[40].chapter == 2
+
+
+@needs_ffmpeg
+def test_the_cpu_load_runs_its_encoders_and_stops_them():
+    load = bench.CpuLoad(shutil.which("ffmpeg"), 3)
+    with load:
+        time.sleep(0.3)
+        processes = list(load._processes)
+        assert load.running() == 3
+    assert load.running() == 0 and all(p.poll() is not None for p in processes)
+
+
+@needs_ffmpeg
+def test_contention_takes_turns_and_keeps_the_median_of_each_load(monkeypatch):
+    """Passes alone, beside the CPU load and beside the GPU load, in turns; each row is its median pass,
+    and the summary gives each load's slowdown."""
+    order: list[str] = []
+    walls = {"alone": [2.0, 2.2, 1.8], "cpu-load": [2.6, 2.4, 3.0], "gpu-load": [3.0, 3.2, 2.9]}
+
+    def llm(renderer, chunks, stage, engine_name):
+        load = stage.removeprefix("llm-travel-")
+        order.append(load)
+        if load == "cpu-load":
+            assert len([p for p in running if p.poll() is None]) == expected  # the encoders are at work
+        return StageResult(stage, engine_name, 144, 32_000, 392.0, walls[load].pop(0), 70.0)
+
+    class FakeGpuLoad:
+        def __init__(self, renderer):
+            self.audio_s = 0.0
+
+        def __enter__(self):
+            self.audio_s = 500.0  # decoded meanwhile, as if over the pass
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    running: list = []
+    real_enter = bench.CpuLoad.__enter__
+
+    def enter(self):
+        real_enter(self)
+        running[:] = self._processes
+        return self
+
+    monkeypatch.setattr(bench, "_run_llm", llm)
+    monkeypatch.setattr(bench, "GpuLoad", FakeGpuLoad)
+    monkeypatch.setattr(bench.CpuLoad, "__enter__", enter)
+    monkeypatch.setattr(split_encode, "available_cpus", lambda: 16)
+    expected = 4 + 1 + 4  # early encoders, the loudness meter and the true-peak meters on 16 CPUs
+    rows = bench.run_contention(object(), [], "lmdeploy", 3)
+    assert order == ["alone", "cpu-load", "gpu-load"] * 3
+    assert [(r.stage, r.wall_s) for r in rows] == [
+        ("llm-travel-alone", 2.0),
+        ("llm-travel-cpu-load", 2.6),
+        ("llm-travel-gpu-load", 3.0),
+    ]
+    assert rows[1].notes["ffmpeg_processes"] == expected and rows[1].notes["pass_walls_s"] == [2.6, 2.4, 3.0]
+    report: dict = {}
+    bench._summarise(report, rows)
+    assert report["summary"]["llm_slowdown_cpu_load"] == 1.3
+    assert report["summary"]["llm_slowdown_gpu_load"] == 1.5

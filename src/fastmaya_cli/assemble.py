@@ -585,7 +585,7 @@ class Assembler:
             ffmpeg = require_ffmpeg("it measures loudness")
             self._meter = LoudnessMeter(ffmpeg, self.sample_rate, true_peak=False)
             self._metering = Lane("fastmaya-meter")
-            meters = max(1, min(_PEAK_METERS, self._encode_workers // 2))
+            meters = peak_meters(self._encode_workers)
             range_samples = round(PEAK_RANGE_SECONDS * self.sample_rate)
             self._peaks = RangePeakMeters(ffmpeg, self.sample_rate, range_samples, meters)
         self._early = self._early_parts()
@@ -603,7 +603,7 @@ class Assembler:
         ):
             return None
         require_ffmpeg(f"it is needed to write {self._format.name} files")
-        workers = max(1, self._encode_workers // _EARLY_SHARE)
+        workers = early_encoders(self._encode_workers)
         return EarlyParts(
             codec,
             round(self._early_part_seconds * self.sample_rate),
@@ -1189,6 +1189,16 @@ class Assembler:
                 end = min(end, self._chunks[position + 1].start_sample)
             cues.append(Cue(record.start_sample / sr, end / sr, record.text))
         return cues
+
+
+def peak_meters(encode_workers: int) -> int:
+    """True-peak meters run at once, beside a render with loudness on."""
+    return max(1, min(_PEAK_METERS, encode_workers // 2))
+
+
+def early_encoders(encode_workers: int) -> int:
+    """Encoders of early parts, beside a render of a long m4b, m4a or mp3 with loudness on."""
+    return max(1, encode_workers // _EARLY_SHARE)
 
 
 def _early_tally(early: Sequence[EarlyPart], kept: dict[int, Path]) -> dict[str, int]:

@@ -9,12 +9,15 @@ produced is as long as a real narration of the same text.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import json
 import platform
+import subprocess
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,9 @@ TRAVEL = "travel_145_sentences.txt"
 NOVEL = "pride_and_prejudice.txt"
 SPEECH_48K = "fastmaya1_flashsr_48k.wav"
 BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
-GPU_STAGES = frozenset({"hf", "llm", "render", "novel-llm", "novel", "bs1", "upsampler", "codec"})
+GPU_STAGES = frozenset(
+    {"hf", "llm", "render", "novel-llm", "novel", "bs1", "upsampler", "codec", "contention"}
+)
 CPU_STAGES = frozenset({"finish"})
 
 
@@ -195,6 +200,112 @@ def _run_render(  # noqa: ANN001
             "early_parts": result.early_parts,
         },
     )
+
+
+class CpuLoad:
+    """``count`` ffmpeg processes encoding noise to AAC and throwing it away: about the CPU work that a
+    default render (m4b, loudness on) runs beside the engine, its early encoders and loudness meters,
+    without any of its GPU work."""
+
+    def __init__(self, ffmpeg: str, count: int) -> None:
+        self.ffmpeg = ffmpeg
+        self.count = count
+        self._processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> CpuLoad:
+        command = [self.ffmpeg, "-hide_banner", "-nostats", "-loglevel", "error", "-f", "lavfi"]
+        command += ["-i", "anoisesrc=r=48000:a=0.1", "-c:a", "aac", "-f", "null", "-"]
+        for _ in range(self.count):
+            self._processes.append(
+                subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from .loudness import kill_process
+
+        for process in self._processes:
+            kill_process(process)
+        self._processes.clear()
+
+    def running(self) -> int:
+        return sum(1 for process in self._processes if process.poll() is None)
+
+
+class GpuLoad:
+    """The renderer's decoder (SNAC and the upsampler) kept busy on its own thread with random codes of
+    16 chunks of 11 s a call: the decoder's GPU work during a render, without its CPU work."""
+
+    def __init__(self, renderer) -> None:  # noqa: ANN001 - render.Renderer
+        self._renderer = renderer
+        self._stop = threading.Event()
+        self._done: Future | None = None
+        self.audio_s = 0.0
+
+    def __enter__(self) -> GpuLoad:
+        from .render import decode_and_upsample
+
+        rng = np.random.default_rng(0)
+        frames = round(11.0 * maya1.SNAC_RATE / maya1.SAMPLES_PER_FRAME)
+        codes = [maya1.Codes(*(rng.integers(0, 4096, frames * per) for per in (1, 2, 4))) for _ in range(16)]
+        seconds = sum(c.seconds for c in codes)
+
+        def loop() -> None:
+            with self._renderer.decode_stream():
+                while not self._stop.is_set():
+                    decode_and_upsample(
+                        self._renderer.decoder, self._renderer.upsampler, codes, seeds=list(range(16))
+                    )
+                    self.audio_s += seconds
+
+        self._done = self._renderer.decode_thread.submit(loop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._done is not None:
+            self._done.result()
+
+
+def run_contention(renderer, chunks, engine_name: str, repeat: int) -> list[StageResult]:  # noqa: ANN001
+    """LLM-only passes over ``chunks`` alone, beside the CPU work of a default render (``CpuLoad``), and
+    beside the decoder's GPU work (``GpuLoad``), taking turns; the median pass of each."""
+    from .assemble import early_encoders, peak_meters
+    from .outputs import require_ffmpeg
+    from .split_encode import available_cpus
+
+    cpus = available_cpus()
+    helpers = early_encoders(cpus) + 1 + peak_meters(cpus)  # and the loudness meter
+    ffmpeg = require_ffmpeg("the contention stage loads the CPU with it")
+    passes: dict[str, list[StageResult]] = {"alone": [], "cpu-load": [], "gpu-load": []}
+    notes: dict[str, dict] = {"alone": {}, "cpu-load": {"ffmpeg_processes": helpers}, "gpu-load": {}}
+    for _ in range(repeat):
+        for load, results in passes.items():
+            context = (
+                CpuLoad(ffmpeg, helpers)
+                if load == "cpu-load"
+                else GpuLoad(renderer)
+                if load == "gpu-load"
+                else contextlib.nullcontext()
+            )
+            with context as running:
+                time.sleep(0.5)  # the load under way before the pass starts
+                if isinstance(running, CpuLoad) and running.running() < helpers:
+                    raise RuntimeError("the CPU load's ffmpeg processes did not start")
+                audio_before = running.audio_s if isinstance(running, GpuLoad) else 0.0
+                result = _run_llm(renderer, chunks, f"llm-travel-{load}", engine_name)
+                if isinstance(running, GpuLoad):
+                    rate = (running.audio_s - audio_before) / result.wall_s
+                    notes[load].setdefault("decoded_audio_s_per_s", []).append(round(rate, 1))
+            results.append(result)
+    medians = []
+    for load, results in passes.items():
+        middle = median_pass(results)
+        middle.notes.update(notes[load])
+        medians.append(middle)
+    return medians
 
 
 def median_pass(passes: list[StageResult]) -> StageResult:
@@ -401,7 +512,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
 
-    if {"llm", "render", "novel-llm", "novel", "bs1"} & set(opts.stages):
+    if {"llm", "render", "novel-llm", "novel", "bs1", "contention"} & set(opts.stages):
         engine_kwargs = dict(
             kind="lmdeploy",
             model=model,
@@ -458,6 +569,9 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             pool_stats = getattr(renderer.engine, "stats", None)
             if callable(pool_stats):
                 report["per_gpu"] = pool_stats()
+        if "contention" in opts.stages:
+            for result in run_contention(renderer, travel_chunks, name, opts.repeat):
+                emit(result)
         if "bs1" in opts.stages:
             one = opts.out_dir / "one.txt"
             one.write_text("The lighthouse keeper climbed the stairs one last time.\n")
@@ -499,6 +613,11 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
         summary["share_of_wall_outside_llm"] = round(
             max(0.0, 1 - llm.wall_s / render.wall_s * render.audio_s / llm.audio_s), 3
         )
+    alone = next((s for s in stages if s.stage == "llm-travel-alone"), None)
+    for load in ("cpu-load", "gpu-load"):
+        loaded = next((s for s in stages if s.stage == f"llm-travel-{load}"), None)
+        if alone and loaded:
+            summary[f"llm_slowdown_{load.replace('-', '_')}"] = round(loaded.wall_s / alone.wall_s, 3)
     codec = {row["fused"]: row["audio_s_per_s"] for row in report.get("codec", [])}
     if True in codec and False in codec:
         summary["codec_fused_over_plain"] = round(codec[True] / codec[False], 2)
