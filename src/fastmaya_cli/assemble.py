@@ -715,9 +715,9 @@ class Assembler:
         self._state = "finished"
         return result
 
-    def _lap(self, step: str) -> None:
-        """Add the time since the last lap to ``step`` of finish()."""
-        now = time.perf_counter()
+    def _lap(self, step: str, at: float | None = None) -> None:
+        """Add the time from the last lap to now (or ``at``) to ``step`` of finish()."""
+        now = time.perf_counter() if at is None else at
         self._finish_steps[step] = self._finish_steps.get(step, 0.0) + now - self._lap_at
         self._lap_at = now
 
@@ -785,7 +785,8 @@ class Assembler:
                 chapters = [
                     replace(mark, path=output.final) for mark, output in zip(chapters, outputs, strict=True)
                 ]
-            self._render_all(outputs, factor, cover, early, kept)
+            kept_parts = {(early[index].start, early[index].stop): path for index, path in kept.items()}
+            self._render_all(outputs, factor, cover, kept_parts)
         self._lap("encode")
 
         manifest_temp = subtitles_temp = None
@@ -908,20 +909,18 @@ class Assembler:
         outputs: list[_Output],
         factor: float,
         cover: Path | None,
-        early: Sequence[EarlyPart] = (),
-        kept: dict[int, Path] | None = None,
+        kept_parts: dict[tuple[int, int], Path],
     ) -> None:
-        """Encode every output; ``early`` are the parts encoded while the book rendered, of which
-        ``kept`` (by part index) were encoded at the book's gain."""
+        """Encode every output; ``kept_parts`` are the files of the parts encoded while the book
+        rendered at the book's gain, by the ``(start, stop)`` samples they cover."""
         if len(outputs) == 1:
-            kept_ranges = {index: (early[index].start, early[index].stop) for index in kept or {}}
-            plan = self._split_plan(outputs[0], list(kept_ranges.values()))
+            plan = self._split_plan(outputs[0], list(kept_parts))
             if plan is None:
                 self._render(outputs[0], factor, cover)
             else:
                 codec, cuts = plan
                 bounds = [0, *cuts]
-                encoded = {bounds.index(kept_ranges[index][0]): path for index, path in (kept or {}).items()}
+                encoded = {bounds.index(start): path for (start, _), path in kept_parts.items()}
                 self._render_in_parts(outputs[0], factor, cover, codec, cuts, encoded)
             return
         # Encoders run on one core each; with one file per chapter, encode several chapters at once.
@@ -1090,7 +1089,6 @@ class Assembler:
         """Join the parts into the output's container, each as soon as its encoder (if any) is done. The
         finish's steps: ``encode`` until the last encoder is done, ``join`` the time after it."""
         ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
-        started = self._lap_at
         metadata = self._metadata_file(output, shown)
         writer = FfmpegWriter.remux(ffmpeg, output.temp, self._format, codec, metadata, cover, shown)
         try:
@@ -1103,14 +1101,13 @@ class Assembler:
                             raise RuntimeError("cancelled")
                         writer.write_bytes(block)
                 remove_quietly(part)  # the joined copy replaces it: give the disk back now
-            encoded_at = max((future.result() for future in encoding.values()), default=started)
+            encoded_at = max((future.result() for future in encoding.values()), default=self._lap_at)
             writer.close()
         except BaseException:
             writer.abort()
             raise
         _make_durable(output.temp, shown)
-        self._finish_steps["encode"] = self._finish_steps.get("encode", 0.0) + encoded_at - started
-        self._lap_at = encoded_at
+        self._lap("encode", at=encoded_at)
         self._lap("join")
 
     # ----------------------------------------------------------------------------------- manifest, cues

@@ -17,9 +17,11 @@ import platform
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -279,18 +281,16 @@ def run_contention(renderer, chunks, engine_name: str, repeat: int) -> list[Stag
     cpus = available_cpus()
     helpers = early_encoders(cpus) + 1 + peak_meters(cpus)  # and the loudness meter
     ffmpeg = require_ffmpeg("the contention stage loads the CPU with it")
-    passes: dict[str, list[StageResult]] = {"alone": [], "cpu-load": [], "gpu-load": []}
+    loads: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+        "alone": contextlib.nullcontext,
+        "cpu-load": partial(CpuLoad, ffmpeg, helpers),
+        "gpu-load": partial(GpuLoad, renderer),
+    }
+    passes: dict[str, list[StageResult]] = {load: [] for load in loads}
     notes: dict[str, dict] = {"alone": {}, "cpu-load": {"ffmpeg_processes": helpers}, "gpu-load": {}}
     for _ in range(repeat):
         for load, results in passes.items():
-            context = (
-                CpuLoad(ffmpeg, helpers)
-                if load == "cpu-load"
-                else GpuLoad(renderer)
-                if load == "gpu-load"
-                else contextlib.nullcontext()
-            )
-            with context as running:
+            with loads[load]() as running:
                 time.sleep(0.5)  # the load under way before the pass starts
                 if isinstance(running, CpuLoad) and running.running() < helpers:
                     raise RuntimeError("the CPU load's ffmpeg processes did not start")
