@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -50,6 +51,12 @@ def test_an_unknown_render_format_is_a_usage_error_before_any_work():
     assert result.exit_code == 2 and "wma" in result.output and "m4b" in result.output
 
 
+@pytest.mark.parametrize("counts", ["four", "4,0", ","])
+def test_early_encoder_counts_must_be_whole_numbers(counts):
+    result = CliRunner().invoke(app, ["bench", "--stages", "finish", "--novel-early-encoders", counts])
+    assert result.exit_code == 2 and "not a list of counts" in result.output and "4,8" in result.output
+
+
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 
 
@@ -91,12 +98,15 @@ def test_finish_book_is_real_length_sentences_with_paragraphs_and_chapters():
 
 
 @needs_ffmpeg
-def test_the_cpu_load_runs_its_encoders_and_stops_them():
-    load = bench.CpuLoad(shutil.which("ffmpeg"), 3)
+@pytest.mark.parametrize("niceness", [0, 19])
+def test_the_cpu_load_runs_its_encoders_and_stops_them(niceness):
+    load = bench.CpuLoad(shutil.which("ffmpeg"), 3, niceness=niceness)
     with load:
         time.sleep(0.3)
         processes = list(load._processes)
         assert load.running() == 3
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [os.getpriority(os.PRIO_PROCESS, p.pid) for p in processes] == [min(19, base + niceness)] * 3
     assert load.running() == 0 and all(p.poll() is not None for p in processes)
 
 
@@ -105,12 +115,17 @@ def test_contention_takes_turns_and_keeps_the_median_of_each_load(monkeypatch):
     """Passes alone, beside the CPU load and beside the GPU load, in turns; each row is its median pass,
     and the summary gives each load's slowdown."""
     order: list[str] = []
-    walls = {"alone": [2.0, 2.2, 1.8], "cpu-load": [2.6, 2.4, 3.0], "gpu-load": [3.0, 3.2, 2.9]}
+    walls = {
+        "alone": [2.0, 2.2, 1.8],
+        "cpu-load": [2.6, 2.4, 3.0],
+        "cpu-load-nice": [2.1, 2.2, 2.2],
+        "gpu-load": [3.0, 3.2, 2.9],
+    }
 
     def llm(renderer, chunks, stage, engine_name):
         load = stage.removeprefix("llm-travel-")
         order.append(load)
-        if load == "cpu-load":
+        if load.startswith("cpu-load"):
             assert len([p for p in running if p.poll() is None]) == expected  # the encoders are at work
         return StageResult(stage, engine_name, 144, 32_000, 392.0, walls[load].pop(0), 70.0)
 
@@ -137,16 +152,18 @@ def test_contention_takes_turns_and_keeps_the_median_of_each_load(monkeypatch):
     monkeypatch.setattr(bench, "GpuLoad", FakeGpuLoad)
     monkeypatch.setattr(bench.CpuLoad, "__enter__", enter)
     monkeypatch.setattr(split_encode, "available_cpus", lambda: 16)
-    expected = 4 + 1 + 4  # early encoders, the loudness meter and the true-peak meters on 16 CPUs
+    expected = 8 + 1 + 4  # early encoders, the loudness meter and the true-peak meters on 16 CPUs
     rows = bench.run_contention(object(), [], "lmdeploy", 3)
-    assert order == ["alone", "cpu-load", "gpu-load"] * 3
+    assert order == ["alone", "cpu-load", "cpu-load-nice", "gpu-load"] * 3
     assert [(r.stage, r.wall_s) for r in rows] == [
         ("llm-travel-alone", 2.0),
         ("llm-travel-cpu-load", 2.6),
+        ("llm-travel-cpu-load-nice", 2.2),
         ("llm-travel-gpu-load", 3.0),
     ]
     assert rows[1].notes["ffmpeg_processes"] == expected and rows[1].notes["pass_walls_s"] == [2.6, 2.4, 3.0]
     report: dict = {}
     bench._summarise(report, rows)
     assert report["summary"]["llm_slowdown_cpu_load"] == 1.3
+    assert report["summary"]["llm_slowdown_cpu_load_nice"] == 1.1
     assert report["summary"]["llm_slowdown_gpu_load"] == 1.5

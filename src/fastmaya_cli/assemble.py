@@ -147,8 +147,10 @@ _READ_BLOCK = 1 << 18  # samples per read when encoding (about 5 s at 48 kHz)
 _COPY_BLOCK = 1 << 20  # bytes per read when joining encoded parts
 PEAK_RANGE_SECONDS = 60.0  # of the book per true-peak meter: the last one finishes soon after the book
 _PEAK_METERS = 4  # at most, at once: each measures about 400 audio s/s, and the GPU's process needs a core
-# One early encoder per this many CPUs: about 80 audio s/s each, and the GPU's process needs the rest.
-_EARLY_SHARE = 4
+# One early encoder per this many CPUs. With one per 4, 4 encoders on a 16-CPU H100 host fell behind the
+# book (bench runs A2: 20 parts left to the finish as "encoders busy"); LLM-only passes beside as many
+# ffmpeg AAC encoders as a render runs helpers were no slower (bench --stages contention, runs A1, A3).
+_EARLY_SHARE = 2
 _PCM24_READ_BACK = np.float32(2.0**-31)  # libsndfile's float of a 24-bit code in int32's top bytes
 _ZERO_BLOCK = 1 << 16
 
@@ -314,10 +316,12 @@ class Assembler:
         *,
         encode_workers: int | None = None,
         early_part_seconds: float | None = EARLY_PART_SECONDS,
+        early_encoder_count: int | None = None,
     ) -> None:
         """``encode_workers``: encoders run at once when finishing (default: the CPUs this process may use).
         ``early_part_seconds``: the length of the parts of one m4b, m4a or mp3 file encoded while the book
-        renders (see ``early_parts``); None encodes everything after the last chunk."""
+        renders (see ``early_parts``); None encodes everything after the last chunk.
+        ``early_encoder_count``: the encoders of those parts (default: ``early_encoders``)."""
         if spec.format not in FORMATS:
             raise ValueError(f"unknown format {spec.format!r}")
         self.spec = spec
@@ -332,6 +336,7 @@ class Assembler:
         self._fades: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._encode_workers = max(1, encode_workers or available_cpus())
         self._early_part_seconds = early_part_seconds
+        self._early_encoder_count = early_encoder_count
         self._early: EarlyParts | None = None
         self._sample_peak = 0.0  # of the book so far, while early parts need it
         self._finish_steps: dict[str, float] = {}
@@ -603,7 +608,7 @@ class Assembler:
         ):
             return None
         require_ffmpeg(f"it is needed to write {self._format.name} files")
-        workers = early_encoders(self._encode_workers)
+        workers = self._early_encoder_count or early_encoders(self._encode_workers)
         return EarlyParts(
             codec,
             round(self._early_part_seconds * self.sample_rate),

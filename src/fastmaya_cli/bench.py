@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import gc
 import json
+import os
 import platform
 import subprocess
 import threading
@@ -64,6 +65,9 @@ class BenchOptions:
     finish_minutes: float = 60.0  # of audio, for the finish stage
     render_format: str = "flac"  # of the render stages' output
     render_loudness: str = "off"  # and its loudness (anything but off needs ffmpeg)
+    # The novel is rendered once per count of early encoders given, in this order (an A/B in one run);
+    # none: once, with the default count.
+    novel_early_encoders: tuple[int, ...] = ()
     repeat: int = 3  # passes over the travel text, LLM only and rendered
     hf_batch: int = 64
     hf_chunks: int = 64
@@ -157,6 +161,12 @@ def _renderer(options_kwargs: dict, engine=None):  # noqa: ANN001, ANN202
     return Renderer(options, Progress("none"), engine=engine)
 
 
+def _share_models(other, renderer) -> None:  # noqa: ANN001
+    other._decoder, other._upsampler = renderer.decoder, renderer.upsampler
+    other._decode_thread = renderer.decode_thread  # where the models were warmed
+    other._encode = renderer.encode
+
+
 def _run_llm(renderer, chunks, stage: str, engine_name: str) -> StageResult:  # noqa: ANN001
     requests = [renderer.request_for(i, c, maya1.chunk_seed(0, c.text)) for i, c in enumerate(chunks)]
     tokens = 0
@@ -207,22 +217,24 @@ def _run_render(  # noqa: ANN001
 class CpuLoad:
     """``count`` ffmpeg processes encoding noise to AAC and throwing it away: about the CPU work that a
     default render (m4b, loudness on) runs beside the engine, its early encoders and loudness meters,
-    without any of its GPU work."""
+    without any of its GPU work. ``niceness`` lowers their scheduling priority, as a render could."""
 
-    def __init__(self, ffmpeg: str, count: int) -> None:
+    def __init__(self, ffmpeg: str, count: int, niceness: int = 0) -> None:
         self.ffmpeg = ffmpeg
         self.count = count
+        self.niceness = niceness
         self._processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> CpuLoad:
         command = [self.ffmpeg, "-hide_banner", "-nostats", "-loglevel", "error", "-f", "lavfi"]
         command += ["-i", "anoisesrc=r=48000:a=0.1", "-c:a", "aac", "-f", "null", "-"]
         for _ in range(self.count):
-            self._processes.append(
-                subprocess.Popen(
-                    command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                )
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
+            self._processes.append(process)
+            if self.niceness:
+                os.setpriority(os.PRIO_PROCESS, process.pid, self.niceness)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -272,8 +284,9 @@ class GpuLoad:
 
 
 def run_contention(renderer, chunks, engine_name: str, repeat: int) -> list[StageResult]:  # noqa: ANN001
-    """LLM-only passes over ``chunks`` alone, beside the CPU work of a default render (``CpuLoad``), and
-    beside the decoder's GPU work (``GpuLoad``), taking turns; the median pass of each."""
+    """LLM-only passes over ``chunks`` alone, beside the CPU work of a default render (``CpuLoad``, at
+    normal priority and at nice 19), and beside the decoder's GPU work (``GpuLoad``), taking turns; the
+    median pass of each."""
     from .assemble import early_encoders, peak_meters
     from .outputs import require_ffmpeg
     from .split_encode import available_cpus
@@ -284,10 +297,12 @@ def run_contention(renderer, chunks, engine_name: str, repeat: int) -> list[Stag
     loads: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
         "alone": contextlib.nullcontext,
         "cpu-load": partial(CpuLoad, ffmpeg, helpers),
+        "cpu-load-nice": partial(CpuLoad, ffmpeg, helpers, niceness=19),
         "gpu-load": partial(GpuLoad, renderer),
     }
     passes: dict[str, list[StageResult]] = {load: [] for load in loads}
-    notes: dict[str, dict] = {"alone": {}, "cpu-load": {"ffmpeg_processes": helpers}, "gpu-load": {}}
+    notes: dict[str, dict] = {load: {} for load in loads}
+    notes["cpu-load"] = notes["cpu-load-nice"] = {"ffmpeg_processes": helpers}
     for _ in range(repeat):
         for load, results in passes.items():
             with loads[load]() as running:
@@ -556,16 +571,23 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             novel_renderer = _renderer(
                 {**base, "max_chunks": opts.limit, "engine": engine_kwargs}, engine=renderer.engine
             )
-            novel_renderer._decoder, novel_renderer._upsampler = renderer.decoder, renderer.upsampler
-            novel_renderer._decode_thread = renderer.decode_thread  # where the models were warmed
-            novel_renderer._encode = renderer.encode
+            _share_models(novel_renderer, renderer)
         if "novel-llm" in opts.stages:
             # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
             _, novel_chunks = novel_renderer.plan(novel)
             emit(_run_llm(novel_renderer, novel_chunks, "llm-novel", name))
         if "novel" in opts.stages:
             novel_out = opts.out_dir / f"novel.{opts.render_format}"
-            emit(_run_render(novel_renderer, novel, novel_out, "render-novel", name, opts.render_loudness))
+            for count in opts.novel_early_encoders or (None,):
+                changed = novel_renderer
+                if count is not None:
+                    changed = _renderer(
+                        {**base, "max_chunks": opts.limit, "early_encoders": count, "engine": engine_kwargs},
+                        engine=renderer.engine,
+                    )
+                    _share_models(changed, renderer)
+                stage = "render-novel" if count is None else f"render-novel-early-encoders-{count}"
+                emit(_run_render(changed, novel, novel_out, stage, name, opts.render_loudness))
             pool_stats = getattr(renderer.engine, "stats", None)
             if callable(pool_stats):
                 report["per_gpu"] = pool_stats()
@@ -614,7 +636,7 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
             max(0.0, 1 - llm.wall_s / render.wall_s * render.audio_s / llm.audio_s), 3
         )
     alone = next((s for s in stages if s.stage == "llm-travel-alone"), None)
-    for load in ("cpu-load", "gpu-load"):
+    for load in ("cpu-load", "cpu-load-nice", "gpu-load"):
         loaded = next((s for s in stages if s.stage == f"llm-travel-{load}"), None)
         if alone and loaded:
             summary[f"llm_slowdown_{load.replace('-', '_')}"] = round(loaded.wall_s / alone.wall_s, 3)

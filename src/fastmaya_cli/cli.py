@@ -415,6 +415,19 @@ def _read_cover(cover: Path | None) -> tuple[bytes | None, str | None]:
     raise InputError(f"The cover {cover} is neither JPEG nor PNG.", "Convert it to JPEG or PNG.")
 
 
+def _counts(text: str | None) -> tuple[int, ...]:
+    """'4,8' -> (4, 8); None -> ()."""
+    if not text:
+        return ()
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise InputError(f"'{text}' is not a list of counts.", "Give whole numbers of 1 or more, e.g. 4,8.")
+    return counts
+
+
 def _scripted_faults() -> dict[int, list[str]]:
     """Faults for the scripted engine, for end-to-end tests: FASTMAYA_SCRIPTED_FAULTS='{"3": ["loop"]}'."""
     import json
@@ -465,6 +478,13 @@ def bench(
     render_loudness: Annotated[
         Loudness, typer.Option(help="Loudness of the render stages' output (acx and podcast need ffmpeg).")
     ] = Loudness.off,
+    novel_early_encoders: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of early-encoder counts: the novel is rendered once with each, in turn (an A/B "
+            "in one run); default: once, with the count the CPUs give."
+        ),
+    ] = None,
     finish_minutes: Annotated[
         float,
         typer.Option(min=1.0, help="Minutes of real speech the finish stage encodes as an m4b."),
@@ -503,6 +523,7 @@ def bench(
                 finish_minutes=finish_minutes,
                 render_format=render_format,
                 render_loudness=render_loudness.value,
+                novel_early_encoders=_counts(novel_early_encoders),
                 repeat=repeat,
                 hf_batch=hf_batch,
                 hf_chunks=hf_chunks,

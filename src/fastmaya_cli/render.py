@@ -73,6 +73,7 @@ class RenderOptions:
     max_chunk_seconds: float = 18.0
     words_per_second: float = 2.5
     decode_batch: int = 16  # the most chunks per decode call: small keeps the last chunks waiting little
+    early_encoders: int | None = None  # encoders of the output's early parts; None: assemble.early_encoders
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -383,7 +384,7 @@ class Renderer:
                 tracker.resolve(index)
         pending = [i for i, s in enumerate(states) if s.status == "pending"]
         started = time.perf_counter()
-        with Assembler(spec, opts.pauses) as assembler:
+        with Assembler(spec, opts.pauses, early_encoder_count=opts.early_encoders) as assembler:
             worker = DecodeWorker(self, states, tracker, assembler, book)
             worker.start()
             try:
