@@ -10,6 +10,7 @@ produced is as long as a real narration of the same text.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -161,10 +162,17 @@ def _renderer(options_kwargs: dict, engine=None):  # noqa: ANN001, ANN202
     return Renderer(options, Progress("none"), engine=engine)
 
 
-def _share_models(other, renderer) -> None:  # noqa: ANN001
+def _sharing(renderer, **changes):  # noqa: ANN001, ANN202
+    """A renderer with `changes` to `renderer`'s options that shares its engine and loaded models."""
+    from .render import Renderer
+
+    other = Renderer(
+        dataclasses.replace(renderer.options, **changes), Progress("none"), engine=renderer.engine
+    )
     other._decoder, other._upsampler = renderer.decoder, renderer.upsampler
     other._decode_thread = renderer.decode_thread  # where the models were warmed
     other._encode = renderer.encode
+    return other
 
 
 def _run_llm(renderer, chunks, stage: str, engine_name: str) -> StageResult:  # noqa: ANN001
@@ -568,10 +576,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             if passes:
                 emit(median_pass(passes))
         if {"novel-llm", "novel"} & set(opts.stages):
-            novel_renderer = _renderer(
-                {**base, "max_chunks": opts.limit, "engine": engine_kwargs}, engine=renderer.engine
-            )
-            _share_models(novel_renderer, renderer)
+            novel_renderer = _sharing(renderer, max_chunks=opts.limit)
         if "novel-llm" in opts.stages:
             # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
             _, novel_chunks = novel_renderer.plan(novel)
@@ -579,13 +584,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         if "novel" in opts.stages:
             novel_out = opts.out_dir / f"novel.{opts.render_format}"
             for count in opts.novel_early_encoders or (None,):
-                changed = novel_renderer
-                if count is not None:
-                    changed = _renderer(
-                        {**base, "max_chunks": opts.limit, "early_encoders": count, "engine": engine_kwargs},
-                        engine=renderer.engine,
-                    )
-                    _share_models(changed, renderer)
+                changed = novel_renderer if count is None else _sharing(novel_renderer, early_encoders=count)
                 stage = "render-novel" if count is None else f"render-novel-early-encoders-{count}"
                 emit(_run_render(changed, novel, novel_out, stage, name, opts.render_loudness))
             pool_stats = getattr(renderer.engine, "stats", None)
