@@ -167,3 +167,50 @@ def test_contention_takes_turns_and_keeps_the_median_of_each_load(monkeypatch):
     assert report["summary"]["llm_slowdown_cpu_load"] == 1.3
     assert report["summary"]["llm_slowdown_cpu_load_nice"] == 1.1
     assert report["summary"]["llm_slowdown_gpu_load"] == 1.5
+
+
+def test_decode_mix_measures_book_order_calls_against_planned_ones():
+    """The stage decodes the same chunks both ways, in turns, and reports what each way padded."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import torch
+
+    from fastmaya_cli.codec import padded_shape
+
+    class CountingDecoder:
+        bucketed = True
+
+        def __init__(self):
+            self.frames_decoded = self.frames_computed = 0
+            self.calls = 0
+
+        def decode(self, codes, seeds):
+            rows, width = padded_shape(len(codes), max(c.frames for c in codes), bucketed=True)
+            self.frames_decoded += sum(c.frames for c in codes)
+            self.frames_computed += rows * width
+            self.calls += 1
+            lengths = [c.frames * 2048 for c in codes]
+            return torch.zeros(len(codes), max(lengths)), lengths
+
+    seconds = [17.0, 2.0, 9.0, 17.5, 3.0, 12.0, 16.0, 1.5, 8.0, 17.0] * 4
+    with ThreadPoolExecutor(1) as thread:
+        renderer = SimpleNamespace(
+            decoder=CountingDecoder(),
+            upsampler=lambda audio, lengths: (audio, lengths),
+            decode_thread=thread,
+            decode_stream=nullcontext,
+            options=SimpleNamespace(decode_batch=16, max_new_tokens=2048),
+        )
+        rows = bench.run_decode_mix(renderer, [SimpleNamespace(seconds=s) for s in seconds], repeat=2)
+    before, planned_pageable, planned = rows
+    assert [row.stage for row in rows] == [
+        "decode-novel-before",
+        "decode-novel-planned-pageable",
+        "decode-novel-planned",
+    ]
+    assert before.audio_s == planned.audio_s == pytest.approx(sum(seconds), abs=0.2 * len(seconds))
+    assert all(row.notes["passes"] == 2 for row in rows)
+    assert before.notes["snac_padding"] > 1.5 > planned.notes["snac_padding"] > 1.0
+    assert planned_pageable.notes["snac_padding"] == planned.notes["snac_padding"]

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from fastmaya_cli import snac_fused
-from fastmaya_cli.codec import SnacDecoder, bucketed_rows, chunk_noise, load_snac
+from fastmaya_cli.codec import (
+    SnacDecoder,
+    bucketed_rows,
+    chunk_noise,
+    load_snac,
+    padded_shape,
+    plan_calls,
+)
 from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.maya1 import Codes
 
@@ -197,3 +204,58 @@ def test_a_decoder_not_laid_out_as_snac_falls_back_to_its_own_modules(tiny_snac,
     decoder = SnacDecoder(tiny_snac, "cpu")  # the default: falls back to SNAC's own modules
     assert decoder.fused is False
     assert not any(hasattr(m, "fused_weights") for m in decoder.model.modules())
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _partitions(rest):
+        for i in range(len(partition)):
+            yield partition[:i] + [[first, *partition[i]]] + partition[i + 1 :]
+        yield [[first], *partition]
+
+
+def _work(frames, calls, budget, bucketed, call_frames):
+    """Padded frames of every call plus the cost of the calls; inf where a call breaks the budget."""
+    total = 0
+    for call in calls:
+        rows, width = padded_shape(len(call), max(frames[i] for i in call), bucketed=bucketed)
+        if rows * width > budget and len(call) > 1:
+            return math.inf
+        total += rows * width + call_frames
+    return total
+
+
+def test_planned_calls_decode_every_chunk_once_with_the_least_work():
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        frames = [int(f) for f in rng.integers(1, 220, size=rng.integers(1, 7))]
+        budget = int(rng.choice([300, 800, 2048]))
+        bucketed, call_frames = bool(rng.integers(2)), int(rng.choice([0, 32]))
+        calls = plan_calls(frames, budget, bucketed=bucketed, call_frames=call_frames)
+        assert sorted(i for call in calls for i in call) == list(range(len(frames)))
+        best = min(
+            _work(frames, p, budget, bucketed, call_frames) for p in _partitions(list(range(len(frames))))
+        )
+        assert _work(frames, calls, budget, bucketed, call_frames) == best
+    assert plan_calls([], 2048, bucketed=True) == []
+    assert plan_calls([5000], 2048, bucketed=True) == [[0]]  # one chunk over the budget still gets a call
+
+
+def test_planned_calls_fill_their_row_buckets_and_group_like_lengths():
+    # Nine equal chunks: 8 rows and 1 row, not 9 rows rounded up to 16.
+    calls = plan_calls([100] * 9, 4096, bucketed=True, call_frames=32)
+    assert sorted(len(call) for call in calls) == [1, 8]
+    # Long and short chunks in turn are not padded to the long ones' width.
+    frames = [200, 20] * 4
+    calls = plan_calls(frames, 4096, bucketed=True, call_frames=32)
+    assert sorted(sorted(frames[i] for i in call) for call in calls) == [[20] * 4, [200] * 4]
+
+
+def test_decoder_counts_the_frames_its_padding_adds(tiny_snac):
+    decoder = SnacDecoder(tiny_snac, "cpu", bucketed=True)
+    decoder.decode([_codes(5, 0), _codes(9, 1), _codes(7, 2)], [0, 1, 2])
+    assert decoder.frames_decoded == 21
+    assert decoder.frames_computed == 4 * 16  # 4 rows (3 rounded up) of 9 + 4 frames rounded up to 16

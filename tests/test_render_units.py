@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastmaya_cli import maya1
+from fastmaya_cli.codec import RIGHT_CONTEXT_FRAMES
 from fastmaya_cli.render import DecodeQueue, decode_and_upsample, pack_seconds, sub_batches
 
 
@@ -104,6 +105,34 @@ def test_out_of_memory_splits_the_batch_and_keeps_every_chunk():
         decode_and_upsample(_Decoder(limit=0), _identity, codes[:1], seeds=[0])
 
 
+class _RecordingDecoder(_Decoder):
+    """Records each call's chunk lengths; never runs out of memory."""
+
+    def __init__(self):
+        super().__init__(limit=10**6)
+        self.frames = []
+
+    def decode(self, codes, seeds):
+        self.frames.append(sorted(c.frames for c in codes))
+        return super().decode(codes, seeds)
+
+
+def test_decode_calls_follow_the_plan_and_clips_keep_the_chunks_order():
+    frames = [200, 20, 200, 20, 200, 20]
+    codes = [
+        maya1.Codes(np.full(f, i), np.zeros(2 * f, int), np.zeros(4 * f, int)) for i, f in enumerate(frames)
+    ]
+    decoder = _RecordingDecoder()
+    clips, lengths = decode_and_upsample(decoder, _identity, codes, seeds=list(range(6)))
+    assert sorted(decoder.frames) == [[20, 20, 20], [200, 200, 200]]  # like lengths together
+    assert lengths == [f * 2048 for f in frames]
+    assert [float(c[0]) for c in clips] == [0, 1, 2, 3, 4, 5]
+    assert all(np.all(c == c[0]) for c in clips)  # no padding left on any clip
+    decoder = _RecordingDecoder()
+    decode_and_upsample(decoder, _identity, codes, seeds=list(range(6)), plan=lambda f: sub_batches(f, 400))
+    assert decoder.frames == [[20, 200], [20, 200], [20, 200]]  # the book-order baseline, as asked
+
+
 def test_render_reports_how_long_decoding_ran_on_after_generation(
     tiny_model, tiny_snac, tmp_path, monkeypatch
 ):
@@ -133,3 +162,46 @@ def test_render_reports_how_long_decoding_ran_on_after_generation(
     result = renderer.render(book, OutputSpec(path=tmp_path / "book.flac", format="flac", loudness="off"))
     assert result.tail_decoding_s >= 0.29
     assert result.decode_tail_s >= result.tail_decoding_s
+    # On the CPU each chunk is a call of its own, padded by SNAC's right context only.
+    decoded = renderer.decoder.frames_decoded
+    assert result.chunks == 2 and decoded > 0
+    assert result.snac_padding == pytest.approx((decoded + 2 * RIGHT_CONTEXT_FRAMES) / decoded)
+
+
+@pytest.mark.parametrize("as_before", [False, True])
+def test_the_decode_worker_plans_its_calls_unless_asked_to_decode_as_before(
+    tiny_model, tiny_snac, tmp_path, monkeypatch, as_before
+):
+    from fastmaya_cli import render
+    from fastmaya_cli.assemble import OutputSpec
+    from fastmaya_cli.engines.scripted import ScriptedEngine
+    from fastmaya_cli.progress import Progress
+
+    real = render.decode_and_upsample
+    asked: list[tuple] = []
+
+    def spy(*args, plan=None, pinned=True, **kwargs):
+        asked.append((plan, pinned))
+        return real(*args, plan=plan, pinned=pinned, **kwargs)
+
+    monkeypatch.setattr(render, "decode_and_upsample", spy)
+    options = render.RenderOptions(
+        voice="Calm narrator",
+        engine=render.EngineOptions(kind="scripted", model=str(tiny_model)),
+        codec=str(tiny_snac),
+        upsampler="resample",
+        fixed_length=True,
+        max_new_tokens=70,
+        decode_as_before=as_before,
+    )
+    book = tmp_path / "book.txt"
+    book.write_text("The tide came in. The boats lifted.\n")
+    renderer = render.Renderer(options, Progress("none"), engine=ScriptedEngine())
+    renderer.render(book, OutputSpec(path=tmp_path / "book.flac", format="flac", loudness="off"))
+    assert asked
+    for plan, pinned in asked:
+        assert pinned is not as_before
+        if as_before:
+            assert [list(r) for r in plan([5, 9, 7])] == [[0, 1, 2]]  # book order, one call within budget
+        else:
+            assert plan is None  # decode_and_upsample's own: codec.plan_calls

@@ -41,8 +41,21 @@ NOVEL = "pride_and_prejudice.txt"
 SPEECH_48K = "fastmaya1_flashsr_48k.wav"
 BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
 GPU_STAGES = frozenset(
-    {"hf", "llm", "render", "novel-llm", "novel", "bs1", "upsampler", "codec", "contention"}
+    {
+        "hf",
+        "llm",
+        "render",
+        "novel-llm",
+        "novel",
+        "novel-decode-before",
+        "decode-mix",
+        "bs1",
+        "upsampler",
+        "codec",
+        "contention",
+    }
 )
+DECODE_MIX_CHUNKS = 600  # of the novel, for the decode-mix stage: about 6,700 s of speech
 CPU_STAGES = frozenset({"finish"})
 
 
@@ -57,6 +70,7 @@ class BenchOptions:
         "render",
         "novel-llm",
         "novel",
+        "decode-mix",
         "bs1",
         "upsampler",
         "codec",
@@ -218,6 +232,7 @@ def _run_render(  # noqa: ANN001
             "encoded_early_s": round(result.encoded_early_s, 1),
             "finish_steps_s": result.finish_steps,
             "early_parts": result.early_parts,
+            "snac_padding": round(result.snac_padding, 3),
         },
     )
 
@@ -329,6 +344,67 @@ def run_contention(renderer, chunks, engine_name: str, repeat: int) -> list[Stag
         middle.notes.update(notes[load])
         medians.append(middle)
     return medians
+
+
+def run_decode_mix(renderer, chunks, repeat: int) -> list[StageResult]:  # noqa: ANN001
+    """SNAC and the upsampler alone on ``chunks``' lengths (random codes), taken as the render's decode
+    worker takes them at most: ``decode_batch`` chunks in book order at a time. Three ways, taking turns
+    ``repeat`` times, the median pass of each: as the renderer did before codec.plan_calls and pinned
+    memory (``before``: SNAC's calls cut in book order, render.sub_batches, and the audio copied to
+    pageable memory), with planned calls only (``planned-pageable``), and as the renderer does now
+    (``planned``)."""
+    from .render import DECODE_FRAMES_PER_CALL, decode_and_upsample, sub_batches
+
+    rng = np.random.default_rng(0)
+    frames = [
+        maya1.token_budget(chunk.seconds, fixed_length=True, limit=renderer.options.max_new_tokens)[1]
+        // maya1.TOKENS_PER_FRAME
+        for chunk in chunks
+    ]
+    codes = [maya1.Codes(*(rng.integers(0, 4096, count * per) for per in (1, 2, 4))) for count in frames]
+    audio_s = sum(c.seconds for c in codes)
+    most = renderer.options.decode_batch
+    in_book_order = partial(sub_batches, budget=DECODE_FRAMES_PER_CALL)
+    ways = {  # the calls' plan (None: decode_and_upsample's own, codec.plan_calls), and pinned memory
+        "before": (in_book_order, False),
+        "planned-pageable": (None, False),
+        "planned": (None, True),
+    }
+    decoder, upsampler = renderer.decoder, renderer.upsampler
+    passes: dict[str, list[StageResult]] = {name: [] for name in ways}
+    for _ in range(repeat):
+        for name, (plan, pinned) in ways.items():
+            decoded, computed = decoder.frames_decoded, decoder.frames_computed
+
+            def run(plan=plan, pinned=pinned) -> None:  # noqa: ANN001 - on the decode thread, with the models
+                with renderer.decode_stream():
+                    for start in range(0, len(codes), most):
+                        decode_and_upsample(
+                            decoder,
+                            upsampler,
+                            codes[start : start + most],
+                            seeds=list(range(start, min(start + most, len(codes)))),
+                            plan=plan,
+                            pinned=pinned,
+                        )
+
+            started = time.perf_counter()
+            renderer.decode_thread.submit(run).result()
+            wall = time.perf_counter() - started
+            padding = (decoder.frames_computed - computed) / (decoder.frames_decoded - decoded)
+            passes[name].append(
+                StageResult(
+                    f"decode-novel-{name}",
+                    "snac+upsampler",
+                    len(codes),
+                    sum(frames) * maya1.TOKENS_PER_FRAME,
+                    audio_s,
+                    wall,
+                    0.0,
+                    notes={"snac_padding": round(padding, 3), "chunks_a_take": most},
+                )
+            )
+    return [median_pass(results) for results in passes.values()]
 
 
 def median_pass(passes: list[StageResult]) -> StageResult:
@@ -535,7 +611,16 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
 
-    if {"llm", "render", "novel-llm", "novel", "bs1", "contention"} & set(opts.stages):
+    if {
+        "llm",
+        "render",
+        "novel-llm",
+        "novel",
+        "novel-decode-before",
+        "decode-mix",
+        "bs1",
+        "contention",
+    } & set(opts.stages):
         engine_kwargs = dict(
             kind="lmdeploy",
             model=model,
@@ -575,14 +660,22 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         for passes in (llm_passes, render_passes):
             if passes:
                 emit(median_pass(passes))
-        if {"novel-llm", "novel"} & set(opts.stages):
+        if {"novel-llm", "novel", "novel-decode-before", "decode-mix"} & set(opts.stages):
             novel_renderer = _sharing(renderer, max_chunks=opts.limit)
+            _, novel_chunks = novel_renderer.plan(novel)
         if "novel-llm" in opts.stages:
             # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
-            _, novel_chunks = novel_renderer.plan(novel)
             emit(_run_llm(novel_renderer, novel_chunks, "llm-novel", name))
+        novel_out = opts.out_dir / f"novel.{opts.render_format}"
+        if "novel-decode-before" in opts.stages:
+            # The novel decoded as before codec.plan_calls and pinned memory: an A/B with "novel" in one run.
+            before = _sharing(novel_renderer, decode_as_before=True)
+            emit(
+                _run_render(
+                    before, novel, novel_out, "render-novel-decode-before", name, opts.render_loudness
+                )
+            )
         if "novel" in opts.stages:
-            novel_out = opts.out_dir / f"novel.{opts.render_format}"
             for count in opts.novel_early_encoders or (None,):
                 changed = novel_renderer if count is None else _sharing(novel_renderer, early_encoders=count)
                 stage = "render-novel" if count is None else f"render-novel-early-encoders-{count}"
@@ -590,6 +683,9 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             pool_stats = getattr(renderer.engine, "stats", None)
             if callable(pool_stats):
                 report["per_gpu"] = pool_stats()
+        if "decode-mix" in opts.stages:
+            for result in run_decode_mix(renderer, novel_chunks[:DECODE_MIX_CHUNKS], opts.repeat):
+                emit(result)
         if "contention" in opts.stages:
             for result in run_contention(renderer, travel_chunks, name, opts.repeat):
                 emit(result)
@@ -628,6 +724,11 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
     novel_render = next((s for s in stages if s.stage == "render-novel"), None)
     if novel_llm and novel_render:
         summary["novel_render_share_of_llm_only"] = round(novel_render.audio_per_s / novel_llm.audio_per_s, 3)
+    novel_before = next((s for s in stages if s.stage == "render-novel-decode-before"), None)
+    if novel_llm and novel_before:
+        summary["novel_decode_before_share_of_llm_only"] = round(
+            novel_before.audio_per_s / novel_llm.audio_per_s, 3
+        )
     if llm and render:
         summary["render_share_of_llm_only"] = round(render.audio_per_s / llm.audio_per_s, 3)
         # The render's time beyond what the LLM alone needs for the same audio.
@@ -639,6 +740,12 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
         loaded = next((s for s in stages if s.stage == f"llm-travel-{load}"), None)
         if alone and loaded:
             summary[f"llm_slowdown_{load.replace('-', '_')}"] = round(loaded.wall_s / alone.wall_s, 3)
+    mix = {s.stage: s for s in stages if s.stage.startswith("decode-novel-")}
+    for way in ("planned-pageable", "planned"):
+        if {"decode-novel-before", f"decode-novel-{way}"} <= set(mix):
+            summary[f"decode_{way.replace('-', '_')}_over_before"] = round(
+                mix[f"decode-novel-{way}"].audio_per_s / mix["decode-novel-before"].audio_per_s, 3
+            )
     codec = {row["fused"]: row["audio_s_per_s"] for row in report.get("codec", [])}
     if True in codec and False in codec:
         summary["codec_fused_over_plain"] = round(codec[True] / codec[False], 2)

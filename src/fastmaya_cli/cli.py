@@ -466,11 +466,11 @@ def bench(
     stages: Annotated[
         str,
         typer.Option(
-            help="Comma list: hf,llm,render,novel-llm,novel,bs1,upsampler,codec (GPU) and finish (CPU "
-            "only); also contention (GPU): LLM-only passes alone, beside a render's CPU work, and beside "
-            "its decoder's GPU work."
+            help="Comma list: hf,llm,render,novel-llm,novel,decode-mix,bs1,upsampler,codec (GPU) and "
+            "finish (CPU only); also contention (GPU): LLM-only passes alone, beside a render's CPU work, "
+            "and beside its decoder's GPU work."
         ),
-    ] = "hf,llm,render,novel-llm,novel,bs1,upsampler,codec,finish",
+    ] = "hf,llm,render,novel-llm,novel,decode-mix,bs1,upsampler,codec,finish",
     limit: Annotated[int | None, typer.Option(help="Render only the novel's first N chunks.")] = None,
     render_format: Annotated[
         str, typer.Option(help="Output format of the render stages (m4b and mp3 need ffmpeg).")

@@ -52,14 +52,38 @@ def test_lmdeploy_and_hf_renders_agree_on_chunks_and_durations(tmp_path, small_m
 
     snac = random_snac(tmp_path / "snac", tiny=True)
     book = tmp_path / "book.txt"
-    book.write_text("Chapter 1\n\nIt was a bright cold day. The clocks were striking.\n\nShe walked on, quickly.\n")
+    book.write_text(
+        "Chapter 1\n\nIt was a bright cold day. The clocks were striking.\n\nShe walked on, quickly.\n"
+    )
     durations = {}
     for engine in ("lmdeploy", "hf"):
         manifest = tmp_path / f"{engine}.json"
-        cmd = [sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(tmp_path / f"{engine}.wav"),
-               "--engine", engine, "--model", str(small_model), "--codec", str(snac), "--upsampler", "resample",
-               "--fixed-length", "--no-cache", "--manifest", str(manifest), "-q", "--gpu-memory", "0.3",
-               "--loudness", "off"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastmaya_cli.cli",
+            "render",
+            str(book),
+            "-o",
+            str(tmp_path / f"{engine}.wav"),
+            "--engine",
+            engine,
+            "--model",
+            str(small_model),
+            "--codec",
+            str(snac),
+            "--upsampler",
+            "resample",
+            "--fixed-length",
+            "--no-cache",
+            "--manifest",
+            str(manifest),
+            "-q",
+            "--gpu-memory",
+            "0.3",
+            "--loudness",
+            "off",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         chunks = json.loads(manifest.read_text())["chunks"]
@@ -114,7 +138,9 @@ def test_snake_depthwise_snake_kernel_equals_the_torch_formulation(dilation):
     with torch.no_grad():
         snac_fused.snake_depthwise_snake(x, snac_fused.ResidualUnitWeights.of(unit), expected)
         out = torch.zeros(3, 49, 5000, device="cuda")  # a strided view, as residual_unit passes it
-        snac_fused.snake_depthwise_snake(x.cuda(), snac_fused.ResidualUnitWeights.of(unit.cuda()), out[:, :48])
+        snac_fused.snake_depthwise_snake(
+            x.cuda(), snac_fused.ResidualUnitWeights.of(unit.cuda()), out[:, :48]
+        )
     assert float((out[:, :48].cpu() - expected).abs().max()) < 1e-4 * float(expected.abs().max())
     assert torch.count_nonzero(out[:, 48]) == 0  # nothing written past its rows
 
@@ -139,3 +165,32 @@ def test_fused_snac_on_cuda_decodes_what_the_plain_snac_does():
         torch.backends.cudnn.allow_tf32 = tf32
     peak = float(expected.abs().max())
     assert peak > 1e-3 and float((got - expected).abs().max()) < 1e-4 * peak
+
+
+def test_decoding_on_cuda_gives_each_chunk_the_same_audio_however_the_calls_are_cut():
+    """The renderer's decode (planned SNAC calls, the audio back through pinned memory) against one call
+    per chunk copied back the plain way: the same clips, up to rounding."""
+    import numpy as np
+
+    from fastmaya_cli.checkpoints import random_snac
+    from fastmaya_cli.codec import SnacDecoder
+    from fastmaya_cli.maya1 import Codes
+    from fastmaya_cli.render import decode_and_upsample
+    from fastmaya_cli.upsample import load_upsampler
+
+    decoder = SnacDecoder(random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False), "cuda")
+    upsampler = load_upsampler("resample", weights=None, device="cuda")
+    rng = np.random.default_rng(1)
+    frames = [150, 12, 140, 9, 60, 150, 30, 20, 100]
+    chunks = [Codes(*(rng.integers(0, 4096, f * n) for n in (1, 2, 4))) for f in frames]
+    seeds = list(range(10, 10 + len(frames)))
+    computed = decoder.frames_computed
+    planned, lengths = decode_and_upsample(decoder, upsampler, chunks, seeds=seeds)
+    assert decoder.frames_computed - computed < 1.3 * sum(frames)  # like lengths shared their calls
+    alone, alone_lengths = decode_and_upsample(
+        decoder, upsampler, chunks, seeds=seeds, plan=lambda f: [[i] for i in range(len(f))], pinned=False
+    )
+    assert lengths == alone_lengths == [f * 2048 * 2 for f in frames]
+    for clip, reference in zip(planned, alone, strict=True):
+        peak = float(np.abs(reference).max())
+        assert peak > 1e-3 and float(np.abs(clip - reference).max()) < 1e-3 * peak
