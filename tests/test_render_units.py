@@ -133,13 +133,33 @@ def test_decode_calls_follow_the_plan_and_clips_keep_the_chunks_order():
     assert decoder.frames == [[20, 200], [20, 200], [20, 200]]  # the book-order baseline, as asked
 
 
-def test_render_reports_how_long_decoding_ran_on_after_generation(
-    tiny_model, tiny_snac, tmp_path, monkeypatch
-):
+def _render_two_sentences(tmp_path, tiny_model, tiny_snac, **options):
+    """Renders a two-chunk book with the scripted engine and the tiny SNAC, on the CPU: (renderer, result)."""
     from fastmaya_cli import render
     from fastmaya_cli.assemble import OutputSpec
     from fastmaya_cli.engines.scripted import ScriptedEngine
     from fastmaya_cli.progress import Progress
+
+    options = render.RenderOptions(
+        voice="Calm narrator",
+        engine=render.EngineOptions(kind="scripted", model=str(tiny_model)),
+        codec=str(tiny_snac),
+        upsampler="resample",
+        fixed_length=True,
+        max_new_tokens=70,
+        **options,
+    )
+    book = tmp_path / "book.txt"
+    book.write_text("The tide came in. The boats lifted.\n")
+    renderer = render.Renderer(options, Progress("none"), engine=ScriptedEngine())
+    result = renderer.render(book, OutputSpec(path=tmp_path / "book.flac", format="flac", loudness="off"))
+    return renderer, result
+
+
+def test_render_reports_how_long_decoding_ran_on_after_generation(
+    tiny_model, tiny_snac, tmp_path, monkeypatch
+):
+    from fastmaya_cli import render
 
     real = render.decode_and_upsample
 
@@ -148,18 +168,7 @@ def test_render_reports_how_long_decoding_ran_on_after_generation(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(render, "decode_and_upsample", slow_decode)
-    options = render.RenderOptions(
-        voice="Calm narrator",
-        engine=render.EngineOptions(kind="scripted", model=str(tiny_model)),
-        codec=str(tiny_snac),
-        upsampler="resample",
-        fixed_length=True,
-        max_new_tokens=70,
-    )
-    book = tmp_path / "book.txt"
-    book.write_text("The tide came in. The boats lifted.\n")
-    renderer = render.Renderer(options, Progress("none"), engine=ScriptedEngine())
-    result = renderer.render(book, OutputSpec(path=tmp_path / "book.flac", format="flac", loudness="off"))
+    renderer, result = _render_two_sentences(tmp_path, tiny_model, tiny_snac)
     assert result.tail_decoding_s >= 0.29
     assert result.decode_tail_s >= result.tail_decoding_s
     # On the CPU each chunk is a call of its own, padded by SNAC's right context only.
@@ -173,9 +182,6 @@ def test_the_decode_worker_plans_its_calls_unless_asked_to_decode_as_before(
     tiny_model, tiny_snac, tmp_path, monkeypatch, as_before
 ):
     from fastmaya_cli import render
-    from fastmaya_cli.assemble import OutputSpec
-    from fastmaya_cli.engines.scripted import ScriptedEngine
-    from fastmaya_cli.progress import Progress
 
     real = render.decode_and_upsample
     asked: list[tuple] = []
@@ -185,19 +191,7 @@ def test_the_decode_worker_plans_its_calls_unless_asked_to_decode_as_before(
         return real(*args, plan=plan, pinned=pinned, **kwargs)
 
     monkeypatch.setattr(render, "decode_and_upsample", spy)
-    options = render.RenderOptions(
-        voice="Calm narrator",
-        engine=render.EngineOptions(kind="scripted", model=str(tiny_model)),
-        codec=str(tiny_snac),
-        upsampler="resample",
-        fixed_length=True,
-        max_new_tokens=70,
-        decode_as_before=as_before,
-    )
-    book = tmp_path / "book.txt"
-    book.write_text("The tide came in. The boats lifted.\n")
-    renderer = render.Renderer(options, Progress("none"), engine=ScriptedEngine())
-    renderer.render(book, OutputSpec(path=tmp_path / "book.flac", format="flac", loudness="off"))
+    _render_two_sentences(tmp_path, tiny_model, tiny_snac, decode_as_before=as_before)
     assert asked
     for plan, pinned in asked:
         assert pinned is not as_before

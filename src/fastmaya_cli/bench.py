@@ -40,21 +40,11 @@ TRAVEL = "travel_145_sentences.txt"
 NOVEL = "pride_and_prejudice.txt"
 SPEECH_48K = "fastmaya1_flashsr_48k.wav"
 BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
-GPU_STAGES = frozenset(
-    {
-        "hf",
-        "llm",
-        "render",
-        "novel-llm",
-        "novel",
-        "novel-decode-before",
-        "decode-mix",
-        "bs1",
-        "upsampler",
-        "codec",
-        "contention",
-    }
+# The stages that run on the LMDeploy renderer (its engine, SNAC and upsampler), built once for all of them.
+RENDERER_STAGES = frozenset(
+    {"llm", "render", "novel-llm", "novel", "novel-decode-before", "decode-mix", "bs1", "contention"}
 )
+GPU_STAGES = RENDERER_STAGES | {"hf", "upsampler", "codec"}
 DECODE_MIX_CHUNKS = 600  # of the novel, for the decode-mix stage: about 6,700 s of speech
 CPU_STAGES = frozenset({"finish"})
 
@@ -611,16 +601,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
 
-    if {
-        "llm",
-        "render",
-        "novel-llm",
-        "novel",
-        "novel-decode-before",
-        "decode-mix",
-        "bs1",
-        "contention",
-    } & set(opts.stages):
+    if RENDERER_STAGES & set(opts.stages):
         engine_kwargs = dict(
             kind="lmdeploy",
             model=model,

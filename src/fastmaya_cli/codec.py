@@ -128,11 +128,11 @@ def plan_calls(
     the least work: the padded size of each call (see padded_shape) plus `call_frames` a call. A call
     of more than one chunk stays within `budget` padded frames, which bounds its memory.
 
-    Every row of a call is as wide as its longest chunk, and rows are rounded up to a bucket, so chunks
-    in book order decoded 2.4 times the frames they held on a novel's first 1,200 chunks (up to 16 a
-    call). Sorted longest first, the best split into consecutive runs is found exactly (dynamic
-    programming over the run ends): runs of like lengths, and row counts that fill their bucket.
-    """
+    Every row of a call is as wide as its longest chunk, and rows are rounded up to a bucket, so the
+    novel's chunks, 16 at a time in book order, made SNAC decode 2.5 times the frames they held (bench
+    stage decode-mix); planned, 1.11 times. Sorted longest first, the best split into consecutive runs
+    is found exactly (dynamic programming over the run ends): runs of like lengths, and row counts that
+    fill their bucket. Which chunks share a call does not change their audio (see SnacDecoder)."""
     order = sorted(range(len(frames)), key=lambda index: -frames[index])
     cost = [0.0] + [math.inf] * len(order)
     run_start = [0] * (len(order) + 1)

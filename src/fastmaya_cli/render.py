@@ -656,7 +656,7 @@ class DecodeWorker:
             raise self.error
 
 
-# Padded frames per SNAC call: about 1.5 minutes of audio, a few GB of activations at most.
+# Padded frames per SNAC call: about 3 minutes of audio, a few GB of activations at most.
 DECODE_FRAMES_PER_CALL = 2048
 
 
