@@ -272,11 +272,12 @@ class GpuLoad:
         self.audio_s = 0.0
 
     def __enter__(self) -> GpuLoad:
+        from .codec import random_codes
         from .render import decode_and_upsample
 
         rng = np.random.default_rng(0)
         frames = round(11.0 * maya1.SNAC_RATE / maya1.SAMPLES_PER_FRAME)
-        codes = [maya1.Codes(*(rng.integers(0, 4096, frames * per) for per in (1, 2, 4))) for _ in range(16)]
+        codes = [random_codes(frames, rng) for _ in range(16)]
         seconds = sum(c.seconds for c in codes)
 
         def loop() -> None:
@@ -343,7 +344,8 @@ def run_decode_mix(renderer, chunks, repeat: int) -> list[StageResult]:  # noqa:
     memory (``before``: SNAC's calls cut in book order, render.sub_batches, and the audio copied to
     pageable memory), with planned calls only (``planned-pageable``), and as the renderer does now
     (``planned``)."""
-    from .render import DECODE_FRAMES_PER_CALL, decode_and_upsample, sub_batches
+    from .codec import random_codes
+    from .render import DECODE_AS_BEFORE, decode_and_upsample
 
     rng = np.random.default_rng(0)
     frames = [
@@ -351,22 +353,21 @@ def run_decode_mix(renderer, chunks, repeat: int) -> list[StageResult]:  # noqa:
         // maya1.TOKENS_PER_FRAME
         for chunk in chunks
     ]
-    codes = [maya1.Codes(*(rng.integers(0, 4096, count * per) for per in (1, 2, 4))) for count in frames]
+    codes = [random_codes(count, rng) for count in frames]
     audio_s = sum(c.seconds for c in codes)
     most = renderer.options.decode_batch
-    in_book_order = partial(sub_batches, budget=DECODE_FRAMES_PER_CALL)
-    ways = {  # the calls' plan (None: decode_and_upsample's own, codec.plan_calls), and pinned memory
-        "before": (in_book_order, False),
-        "planned-pageable": (None, False),
-        "planned": (None, True),
+    ways: dict[str, dict] = {  # decode_and_upsample's arguments for each
+        "before": DECODE_AS_BEFORE,
+        "planned-pageable": {"pinned": False},
+        "planned": {},
     }
     decoder, upsampler = renderer.decoder, renderer.upsampler
     passes: dict[str, list[StageResult]] = {name: [] for name in ways}
     for _ in range(repeat):
-        for name, (plan, pinned) in ways.items():
+        for name, way in ways.items():
             decoded, computed = decoder.frames_decoded, decoder.frames_computed
 
-            def run(plan=plan, pinned=pinned) -> None:  # noqa: ANN001 - on the decode thread, with the models
+            def run(way=way) -> None:  # noqa: ANN001 - on the decode thread, with the models
                 with renderer.decode_stream():
                     for start in range(0, len(codes), most):
                         decode_and_upsample(
@@ -374,8 +375,7 @@ def run_decode_mix(renderer, chunks, repeat: int) -> list[StageResult]:  # noqa:
                             upsampler,
                             codes[start : start + most],
                             seeds=list(range(start, min(start + most, len(codes)))),
-                            plan=plan,
-                            pinned=pinned,
+                            **way,
                         )
 
             started = time.perf_counter()

@@ -233,6 +233,11 @@ class SnacDecoder:
         return audio, lengths
 
 
+def random_codes(frames: int, rng: np.random.Generator) -> Codes:
+    """`frames` frames of uniformly random codes: the decoder's work for benchmarks, whatever it sounds like."""
+    return Codes(*(rng.integers(0, 4096, frames * per_frame) for per_frame in (1, 2, 4)))
+
+
 def benchmark_codec(
     model: str | Path,
     device: str | torch.device,
@@ -247,7 +252,7 @@ def benchmark_codec(
     decoder = SnacDecoder(model, device, fused=fused)  # loads and warms up
     frames = max(1, round(seconds * SNAC_RATE / SAMPLES_PER_FRAME))
     rng = np.random.default_rng(0)
-    codes = [Codes(*(rng.integers(0, 4096, frames * n) for n in (1, 2, 4))) for _ in range(batch)]
+    codes = [random_codes(frames, rng) for _ in range(batch)]
     seeds = list(range(batch))
 
     def sync() -> None:

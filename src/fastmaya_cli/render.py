@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -606,14 +606,12 @@ class DecodeWorker:
         if members:
             decoder = self.renderer.decoder
             decoded, computed = decoder.frames_decoded, decoder.frames_computed
-            before = self.renderer.options.decode_as_before
             clips, _ = decode_and_upsample(
                 decoder,
                 self.renderer.upsampler,
                 [self.states[i].codes for i in members],
                 seeds=[self.states[i].seed for i in members],
-                plan=partial(sub_batches, budget=DECODE_FRAMES_PER_CALL) if before else None,
-                pinned=not before,
+                **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
             )
             self.frames_decoded += decoder.frames_decoded - decoded
             self.frames_computed += decoder.frames_computed - computed
@@ -676,6 +674,8 @@ def sub_batches(frames: Sequence[int], budget: int = DECODE_FRAMES_PER_CALL) -> 
 
 
 CallPlanner = Callable[[Sequence[int]], Sequence[Sequence[int]]]
+# decode_and_upsample's arguments to decode as before codec.plan_calls and pinned memory (bench baselines).
+DECODE_AS_BEFORE: dict[str, Any] = {"plan": sub_batches, "pinned": False}
 
 
 def decode_and_upsample(
