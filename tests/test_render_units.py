@@ -199,3 +199,22 @@ def test_the_decode_worker_plans_its_calls_unless_asked_to_decode_as_before(
             assert [list(r) for r in plan([5, 9, 7])] == [[0, 1, 2]]  # book order, one call within budget
         else:
             assert plan is None  # decode_and_upsample's own: codec.plan_calls
+
+
+@pytest.mark.parametrize("with_ffmpeg", [False, True])
+def test_the_renderer_hands_the_bench_baseline_join_to_the_assembler(
+    tiny_model, tiny_snac, tmp_path, monkeypatch, with_ffmpeg
+):
+    from fastmaya_cli import render
+
+    asked: list[object] = []
+    real = render.Assembler
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            asked.append(kwargs.get("join_with_ffmpeg"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(render, "Assembler", Spy)
+    _render_two_sentences(tmp_path, tiny_model, tiny_snac, join_with_ffmpeg=with_ffmpeg)
+    assert asked == [with_ffmpeg]

@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import soundfile as sf
@@ -84,6 +84,7 @@ from fastmaya_cli.loudness import (
     peak_gain_limit_db,
     report_for,
 )
+from fastmaya_cli.mp4 import AdtsError, M4bJoin
 from fastmaya_cli.outputs import (
     FORMATS,
     AudioWriter,
@@ -302,6 +303,54 @@ class _Output:
     chapters: list[ChapterEntry] = field(default_factory=list)
 
 
+class _Joiner(Protocol):
+    def add(self, part: Path) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class _FfmpegJoiner:
+    """Copies each part's bytes into an ffmpeg remux."""
+
+    def __init__(self, writer: FfmpegWriter, cancel: threading.Event) -> None:
+        self._writer, self._cancel = writer, cancel
+
+    def add(self, part: Path) -> None:
+        with part.open("rb") as stream:
+            while block := stream.read(_COPY_BLOCK):
+                if self._cancel.is_set():
+                    raise RuntimeError("cancelled")
+                self._writer.write_bytes(block)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+class _Mp4Joiner:
+    """Hands each part to ``M4bJoin``; a write error becomes the usual failure (disk full included)."""
+
+    def __init__(self, join: M4bJoin, shown: Path | str) -> None:
+        self._join, self._shown = join, shown
+
+    def add(self, part: Path) -> None:
+        try:
+            self._join.add(part.read_bytes())
+        except (OSError, AdtsError) as error:
+            raise write_failure(self._shown, error) from error
+
+    def close(self) -> None:
+        try:
+            self._join.close()
+        except (OSError, AdtsError) as error:
+            raise write_failure(self._shown, error) from error
+
+    def abort(self) -> None:
+        self._join.abort()
+
+
 class Assembler:
     """Builds the audiobook from segments added in chunk order; see the module docstring for the rules.
 
@@ -317,11 +366,14 @@ class Assembler:
         encode_workers: int | None = None,
         early_part_seconds: float | None = EARLY_PART_SECONDS,
         early_encoder_count: int | None = None,
+        join_with_ffmpeg: bool = False,
     ) -> None:
         """``encode_workers``: encoders run at once when finishing (default: the CPUs this process may use).
         ``early_part_seconds``: the length of the parts of one m4b, m4a or mp3 file encoded while the book
         renders (see ``early_parts``); None encodes everything after the last chunk.
-        ``early_encoder_count``: the encoders of those parts (default: ``early_encoders``)."""
+        ``early_encoder_count``: the encoders of those parts (default: ``early_encoders``).
+        ``join_with_ffmpeg``: join m4b and m4a parts with ffmpeg's remux as before ``mp4`` (for the bench's
+        comparison only)."""
         if spec.format not in FORMATS:
             raise ValueError(f"unknown format {spec.format!r}")
         self.spec = spec
@@ -337,6 +389,7 @@ class Assembler:
         self._encode_workers = max(1, encode_workers or available_cpus())
         self._early_part_seconds = early_part_seconds
         self._early_encoder_count = early_encoder_count
+        self._join_with_ffmpeg = join_with_ffmpeg
         self._early: EarlyParts | None = None
         self._sample_peak = 0.0  # of the book so far, while early parts need it
         self._finish_steps: dict[str, float] = {}
@@ -1093,27 +1146,37 @@ class Assembler:
     ) -> None:
         """Join the parts into the output's container, each as soon as its encoder (if any) is done. The
         finish's steps: ``encode`` until the last encoder is done, ``join`` the time after it."""
-        ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
-        metadata = self._metadata_file(output, shown)
-        writer = FfmpegWriter.remux(ffmpeg, output.temp, self._format, codec, metadata, cover, shown)
+        joiner = self._joiner(output, cover, codec, shown)
         try:
             for index, part in enumerate(parts):
                 if index in encoding:
                     encoding[index].result()
-                with part.open("rb") as stream:
-                    while block := stream.read(_COPY_BLOCK):
-                        if self._cancel.is_set():
-                            raise RuntimeError("cancelled")
-                        writer.write_bytes(block)
+                if self._cancel.is_set():
+                    raise RuntimeError("cancelled")
+                joiner.add(part)
                 remove_quietly(part)  # the joined copy replaces it: give the disk back now
             encoded_at = max((future.result() for future in encoding.values()), default=self._lap_at)
-            writer.close()
+            joiner.close()
         except BaseException:
-            writer.abort()
+            joiner.abort()
             raise
         _make_durable(output.temp, shown)
         self._lap("encode", at=encoded_at)
         self._lap("join")
+
+    def _joiner(self, output: _Output, cover: Path | None, codec: StreamCodec, shown: Path | str) -> _Joiner:
+        """m4b and m4a parts are joined by ``mp4.M4bJoin``; mp3 parts by ffmpeg, copied, not encoded again."""
+        if self._format.muxer == "ipod" and codec.muxer == "adts" and not self._join_with_ffmpeg:
+            image = cover.read_bytes() if cover is not None else None
+            chapters = [(chapter.start_sample, chapter.title) for chapter in output.chapters]
+            samples = output.end_sample - output.start_sample
+            kind = image_kind(image) if image is not None else None
+            return _Mp4Joiner(M4bJoin(output.temp, samples, output.tags, chapters, image, kind), shown)
+        ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
+        metadata = self._metadata_file(output, shown)
+        return _FfmpegJoiner(
+            FfmpegWriter.remux(ffmpeg, output.temp, self._format, codec, metadata, cover, shown), self._cancel
+        )
 
     # ----------------------------------------------------------------------------------- manifest, cues
 

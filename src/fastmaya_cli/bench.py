@@ -42,8 +42,19 @@ SPEECH_48K = "fastmaya1_flashsr_48k.wav"
 BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
 # The stages that run on the LMDeploy renderer (its engine, SNAC and upsampler), built once for all of them.
 RENDERER_STAGES = frozenset(
-    {"llm", "render", "novel-llm", "novel", "novel-decode-before", "decode-mix", "bs1", "contention"}
+    {
+        "llm",
+        "render",
+        "novel-llm",
+        "novel",
+        "novel-decode-before",
+        "novel-ffmpeg-join",
+        "decode-mix",
+        "bs1",
+        "contention",
+    }
 )
+NOVEL_STAGES = frozenset({"novel-llm", "novel", "novel-decode-before", "novel-ffmpeg-join", "decode-mix"})
 GPU_STAGES = RENDERER_STAGES | {"hf", "upsampler", "codec"}
 DECODE_MIX_CHUNKS = 600  # of the novel, for the decode-mix stage: about 6,700 s of speech
 CPU_STAGES = frozenset({"finish"})
@@ -436,7 +447,8 @@ def finish_book(speech: np.ndarray, seconds: float, seed: int = 0) -> list[Segme
 
 def run_finish(data_dir: Path, out_dir: Path, minutes: float, workers: int) -> list[dict]:
     """The finish of an m4b with loudness on (the default render) over ``minutes`` of real speech:
-    encoded in one piece, then in parts by ``workers`` encoders. CPU only."""
+    encoded in one piece, then in parts by ``workers`` encoders, the parts joined by ``mp4`` and then by
+    ffmpeg's remux as before it. CPU only."""
     import soundfile as sf
 
     from .assemble import Assembler, BookInfo, OutputSpec
@@ -446,12 +458,15 @@ def run_finish(data_dir: Path, out_dir: Path, minutes: float, workers: int) -> l
         raise InputError(f"{SPEECH_48K} is {rate} Hz, not 48 kHz.", "Pass --data-dir with the real data.")
     book = finish_book(speech[:, 0], minutes * 60)
     rows = []
-    for encoders in dict.fromkeys((1, workers)):
-        path = out_dir / f"finish-{encoders}.m4b"
+    ways = list(dict.fromkeys([(1, "mp4"), (workers, "mp4"), (workers, "ffmpeg")]))
+    for encoders, join in ways:
+        path = out_dir / f"finish-{encoders}-{join}.m4b"
         spec = OutputSpec(path, "m4b", loudness="acx", info=BookInfo("Bench", "fastmaya", None, None, None))
         # The whole book after its last chunk, as runs P-W measured it: an unpaced loop of adds leaves
         # early encoders (which a render's pace feeds) nothing to overlap with.
-        with Assembler(spec, encode_workers=encoders, early_part_seconds=None) as assembler:
+        with Assembler(
+            spec, encode_workers=encoders, early_part_seconds=None, join_with_ffmpeg=join == "ffmpeg"
+        ) as assembler:
             started = time.perf_counter()
             for segment in book:
                 assembler.add(segment)
@@ -464,10 +479,12 @@ def run_finish(data_dir: Path, out_dir: Path, minutes: float, workers: int) -> l
                 "format": "m4b",
                 "loudness": "acx",
                 "encoders": encoders,
+                "join": join if encoders > 1 else "none (one piece)",
                 "audio_s": round(result.duration, 1),
                 "add_s": round(added - started, 2),
                 "finish_s": round(finish_s, 2),
                 "finish_audio_s_per_s": round(result.duration / finish_s, 1),
+                "finish_steps_s": result.finish_steps,
             }
         )
     return rows
@@ -526,9 +543,10 @@ def _add_finish(report: dict, opts: BenchOptions) -> None:
     for row in rows:
         print(json.dumps({"stage": "finish", **row}), flush=True)
     report["finish"] = rows
-    if len(rows) == 2:
+    if len(rows) == 3:
         summary = report.setdefault("summary", {})
         summary["finish_parts_over_one_piece"] = round(rows[0]["finish_s"] / rows[1]["finish_s"], 2)
+        summary["finish_ffmpeg_join_over_mp4_join"] = round(rows[2]["finish_s"] / rows[1]["finish_s"], 3)
 
 
 def _run_gpu_stages(opts: BenchOptions) -> dict:
@@ -641,7 +659,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         for passes in (llm_passes, render_passes):
             if passes:
                 emit(median_pass(passes))
-        if {"novel-llm", "novel", "novel-decode-before", "decode-mix"} & set(opts.stages):
+        if NOVEL_STAGES & set(opts.stages):
             novel_renderer = _sharing(renderer, max_chunks=opts.limit)
             _, novel_chunks = novel_renderer.plan(novel)
         if "novel-llm" in opts.stages:
@@ -654,6 +672,14 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             emit(
                 _run_render(
                     before, novel, novel_out, "render-novel-decode-before", name, opts.render_loudness
+                )
+            )
+        if "novel-ffmpeg-join" in opts.stages:
+            # The novel's m4b parts joined by ffmpeg's remux, as before mp4: an A/B with "novel" in one run.
+            ffmpeg_join = _sharing(novel_renderer, join_with_ffmpeg=True)
+            emit(
+                _run_render(
+                    ffmpeg_join, novel, novel_out, "render-novel-ffmpeg-join", name, opts.render_loudness
                 )
             )
         if "novel" in opts.stages:
@@ -705,11 +731,12 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
     novel_render = next((s for s in stages if s.stage == "render-novel"), None)
     if novel_llm and novel_render:
         summary["novel_render_share_of_llm_only"] = round(novel_render.audio_per_s / novel_llm.audio_per_s, 3)
-    novel_before = next((s for s in stages if s.stage == "render-novel-decode-before"), None)
-    if novel_llm and novel_before:
-        summary["novel_decode_before_share_of_llm_only"] = round(
-            novel_before.audio_per_s / novel_llm.audio_per_s, 3
-        )
+    for variant in ("decode-before", "ffmpeg-join"):
+        baseline = next((s for s in stages if s.stage == f"render-novel-{variant}"), None)
+        if novel_llm and baseline:
+            summary[f"novel_{variant.replace('-', '_')}_share_of_llm_only"] = round(
+                baseline.audio_per_s / novel_llm.audio_per_s, 3
+            )
     if llm and render:
         summary["render_share_of_llm_only"] = round(render.audio_per_s / llm.audio_per_s, 3)
         # The render's time beyond what the LLM alone needs for the same audio.

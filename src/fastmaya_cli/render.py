@@ -76,6 +76,7 @@ class RenderOptions:
     decode_batch: int = 16  # the most chunks per decode call: small keeps the last chunks waiting little
     early_encoders: int | None = None  # encoders of the output's early parts; None: assemble.early_encoders
     decode_as_before: bool = False  # SNAC calls in book order, pageable copies: the bench's baseline
+    join_with_ffmpeg: bool = False  # m4b/m4a parts joined by ffmpeg's remux, not mp4: the bench's baseline
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -387,7 +388,9 @@ class Renderer:
                 tracker.resolve(index)
         pending = [i for i, s in enumerate(states) if s.status == "pending"]
         started = time.perf_counter()
-        with Assembler(spec, opts.pauses, early_encoder_count=opts.early_encoders) as assembler:
+        with Assembler(
+            spec, opts.pauses, early_encoder_count=opts.early_encoders, join_with_ffmpeg=opts.join_with_ffmpeg
+        ) as assembler:
             worker = DecodeWorker(self, states, tracker, assembler, book)
             worker.start()
             try:
