@@ -188,3 +188,20 @@ def test_a_book_without_chapters_has_no_chapter_track(
     assert (
         len(decode(tmp_path / "book.m4a")) >= 9 * SR - mp4.ADTS_SAMPLES
     )  # the part alone, shorter than samples
+
+
+def test_a_png_cover_and_a_track_number(parts: tuple[Path, list[Path], int], tmp_path: Path) -> None:
+    assert FFMPEG is not None
+    _, paths, samples = parts
+    png = tmp_path / "cover.png"
+    run(FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=blue:s=16x16", "-frames:v", "1", str(png))
+    joiner = M4bJoin(
+        tmp_path / "book.m4b", samples, {"title": "T", "track": "3/12"}, [], png.read_bytes(), "png"
+    )
+    for path in paths:
+        joiner.add(path.read_bytes())
+    joiner.close()
+    info = probe(tmp_path / "book.m4b")
+    assert info["format"]["tags"]["track"] == "3/12"
+    pictures = [s for s in info["streams"] if s["disposition"].get("attached_pic")]
+    assert [s["codec_name"] for s in pictures] == ["png"]
