@@ -205,3 +205,24 @@ def test_a_png_cover_and_a_track_number(parts: tuple[Path, list[Path], int], tmp
     assert info["format"]["tags"]["track"] == "3/12"
     pictures = [s for s in info["streams"] if s["disposition"].get("attached_pic")]
     assert [s["codec_name"] for s in pictures] == ["png"]
+
+
+def test_a_book_past_24_8_hours_gets_64_bit_times(tmp_path: Path) -> None:
+    """2^32 samples at 48 kHz is 24.86 h: longer books need version-1 boxes (and a chapter that long, a
+    coarser chapter track). 25 h of one silent AAC frame repeated, read back by ffprobe."""
+    silence = encode_part(tmp_path, "silence.aac", np.zeros(SR, dtype=np.float32))
+    data = silence.read_bytes()
+    _, offsets, _ = adts_frames(data)
+    frame = data[offsets[10] : offsets[11]]
+    frames = 25 * 3600 * SR // mp4.ADTS_SAMPLES + 1
+    samples = frames * mp4.ADTS_SAMPLES - 500
+    joiner = M4bJoin(
+        tmp_path / "long.m4b", samples, {"title": "Long"}, [(0, "All of it"), (samples - SR, "Last")]
+    )
+    joiner.add(frame * frames)
+    joiner.close()
+    info = probe(tmp_path / "long.m4b")
+    assert float(info["format"]["duration"]) == pytest.approx(samples / SR, abs=1e-3)
+    assert [c["tags"]["title"] for c in info["chapters"]] == ["All of it", "Last"]
+    assert float(info["chapters"][1]["start_time"]) == pytest.approx((samples - SR) / SR, abs=1e-3)
+    assert int(info["streams"][0]["nb_frames"]) == frames

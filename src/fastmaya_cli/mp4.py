@@ -135,19 +135,37 @@ def _chunk_table(offsets: np.ndarray, counts: list[tuple[int, int]]) -> bytes:
     return stsc + _full_box(b"stco", 0, 0, struct.pack(">I", len(offsets)), offsets.astype(">u4").tobytes())
 
 
+# Durations past 2^32 units (24.8 h at 48 kHz) need the boxes' version 1, with 64-bit times.
+def _long(duration: int) -> bool:
+    return duration > 0xFFFFFFFF
+
+
 def _edit_list(duration: int, media_time: int) -> bytes:
+    if _long(duration):
+        entry = struct.pack(">IQqI", 1, duration, media_time, 0x10000)
+        return _box(b"edts", _full_box(b"elst", 1, 0, entry))
     return _box(b"edts", _full_box(b"elst", 0, 0, struct.pack(">IIiI", 1, duration, media_time, 0x10000)))
 
 
 def _track_header(track_id: int, flags: int, duration: int, volume: int) -> bytes:
-    body = (
-        struct.pack(">IIIII", 0, 0, track_id, 0, duration) + bytes(8) + struct.pack(">hhhH", 0, 0, volume, 0)
-    )
-    return _full_box(b"tkhd", 0, flags, body + _UNITY_MATRIX + bytes(8))
+    if _long(duration):
+        times = struct.pack(">QQIIQ", 0, 0, track_id, 0, duration)
+    else:
+        times = struct.pack(">IIIII", 0, 0, track_id, 0, duration)
+    body = times + bytes(8) + struct.pack(">hhhH", 0, 0, volume, 0)
+    return _full_box(b"tkhd", int(_long(duration)), flags, body + _UNITY_MATRIX + bytes(8))
+
+
+def _times(rate: int, duration: int) -> bytes:
+    """Creation and modification time (none), time scale and duration, as mvhd and mdhd begin."""
+    if _long(duration):
+        return struct.pack(">QQIQ", 0, 0, rate, duration)
+    return struct.pack(">IIII", 0, 0, rate, duration)
 
 
 def _media_header(rate: int, duration: int) -> bytes:
-    return _full_box(b"mdhd", 0, 0, struct.pack(">IIIIHH", 0, 0, rate, duration, 0x55C4, 0))  # "und"
+    body = _times(rate, duration) + struct.pack(">HH", 0x55C4, 0)  # language "und"
+    return _full_box(b"mdhd", int(_long(duration)), 0, body)
 
 
 def _handler(kind: bytes, name: bytes, maker: bytes = bytes(4)) -> bytes:
@@ -270,14 +288,16 @@ class M4bJoin:
         tracks = [self._audio_track(sizes, data_start + chapter_bytes, duration, has_chapters)]
         if has_chapters:
             tracks.append(self._chapter_track(chapter_samples, data_start, duration))
-        header = struct.pack(">IIIII", 0, 0, rate, duration, 0x10000) + struct.pack(">H", 0x100) + bytes(10)
+        header = _times(rate, duration) + struct.pack(">IH", 0x10000, 0x100) + bytes(10)
         header += _UNITY_MATRIX + bytes(24) + struct.pack(">I", len(tracks) + 1)
         starts = [start / rate for start, _ in self._chapters]
         ilst = _box(b"ilst", itunes_tags(self._tags, self._cover, self._cover_kind))
         udta = [_full_box(b"meta", 0, 0, _handler(b"mdir", b"", maker=b"appl"), ilst)]
         if has_chapters:
             udta.append(nero_chapters(starts, [title for _, title in self._chapters]))
-        return _box(b"moov", _full_box(b"mvhd", 0, 0, header), *tracks, _box(b"udta", *udta))
+        return _box(
+            b"moov", _full_box(b"mvhd", int(_long(duration)), 0, header), *tracks, _box(b"udta", *udta)
+        )
 
     def _audio_track(self, sizes: np.ndarray, audio_start: int, duration: int, chapters: bool) -> bytes:
         assert self._config is not None
@@ -323,9 +343,13 @@ class M4bJoin:
         return _box(b"trak", *boxes, media)
 
     def _chapter_track(self, samples: list[bytes], start: int, duration: int) -> bytes:
-        rate = self._config.sample_rate if self._config else 1
+        movie_rate = self._config.sample_rate if self._config else 1
         marks = [min(max(mark, 0), duration) for mark, _ in self._chapters]
-        lengths = [b - a for a, b in zip([0, *marks[1:]], [*marks[1:], duration], strict=True)]
+        bounds = [0, *marks[1:], duration]
+        # A chapter's length is a 32-bit count of the track's units: samples, or ms past 24.8 h.
+        rate = movie_rate if int(np.diff(bounds).max()) <= 0xFFFFFFFF else 1000
+        bounds = [bound * rate // movie_rate for bound in bounds]
+        lengths = np.diff(bounds).tolist()
         offsets = start + np.concatenate(([0], np.cumsum([len(s) for s in samples])[:-1])).astype(np.int64)
         table = _box(
             b"stbl",
@@ -346,7 +370,7 @@ class M4bJoin:
         text = _box(b"text", _UNITY_MATRIX)
         media = _box(
             b"mdia",
-            _media_header(rate, duration),
+            _media_header(rate, bounds[-1]),
             _handler(b"text", b"SubtitleHandler"),
             _box(b"minf", _box(b"gmhd", base, text), _DATA_INFORMATION, table),
         )
