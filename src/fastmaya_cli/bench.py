@@ -458,7 +458,7 @@ def run_finish(data_dir: Path, out_dir: Path, minutes: float, workers: int) -> l
         raise InputError(f"{SPEECH_48K} is {rate} Hz, not 48 kHz.", "Pass --data-dir with the real data.")
     book = finish_book(speech[:, 0], minutes * 60)
     rows = []
-    ways = list(dict.fromkeys([(1, "mp4"), (workers, "mp4"), (workers, "ffmpeg")]))
+    ways = [(1, "mp4")] + ([(workers, "mp4"), (workers, "ffmpeg")] if workers > 1 else [])
     for encoders, join in ways:
         path = out_dir / f"finish-{encoders}-{join}.m4b"
         spec = OutputSpec(path, "m4b", loudness="acx", info=BookInfo("Bench", "fastmaya", None, None, None))
