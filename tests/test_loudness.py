@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,63 @@ def test_range_meters_find_the_peak_of_the_whole_stream(speech: np.ndarray) -> N
     peak = meters.result()
     assert meters.ranges == 5  # a range ends after each piece, and the last pause is a range of its own
     assert peak == pytest.approx(whole.result().true_peak_dbtp, abs=0.05)
+
+
+class _HeldMeter:
+    """Stands in for LoudnessMeter in RangePeakMeters: takes blocks only once `go` is set."""
+
+    go = threading.Event()
+    lock = threading.Lock()
+    running = 0
+    most_running = 0
+
+    def __init__(self, ffmpeg: str, sample_rate: int) -> None:
+        with _HeldMeter.lock:
+            _HeldMeter.running += 1
+            _HeldMeter.most_running = max(_HeldMeter.most_running, _HeldMeter.running)
+
+    def feed(self, samples: np.ndarray) -> None:
+        assert _HeldMeter.go.wait(10)
+
+    def result(self) -> Measurement:
+        with _HeldMeter.lock:
+            _HeldMeter.running -= 1
+        return Measurement(-20.0, -1.0)
+
+    def abort(self) -> None:
+        pass
+
+
+def test_range_meters_of_short_blocks_all_work_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sentences shorter than a range's eighth (a text of short sentences) still give every meter a range
+    to measure at once, while the samples queued for the meters stay within their bound."""
+    monkeypatch.setattr("fastmaya_cli.loudness.LoudnessMeter", _HeldMeter)
+    _HeldMeter.go.clear()
+    _HeldMeter.running = _HeldMeter.most_running = 0
+    block = np.zeros(SR, dtype=np.float32)  # 1 s sentences, ranges of 20 s
+    meters = RangePeakMeters("ffmpeg", SR, range_samples=20 * SR, workers=3)
+    fed: list[int] = []
+
+    def feed() -> None:
+        for _ in range(6 * 20):  # six ranges
+            meters.feed(block, silence_follows=True)
+            fed.append(len(block))
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    deadline = time.monotonic() + 10
+    while _HeldMeter.most_running < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _HeldMeter.most_running == 3  # with a queue of 8 blocks a range, one meter held the feeder
+    time.sleep(0.2)
+    held = sum(fed)
+    # The bound (a range and a half per meter) holds the feeder back; each meter has taken one block.
+    assert feeder.is_alive() and held <= 1.5 * 3 * 20 * SR + 3 * SR
+    _HeldMeter.go.set()
+    feeder.join(10)
+    assert not feeder.is_alive() and sum(fed) == 120 * SR
+    assert meters.result() == -1.0 and meters.ranges == 6
+    assert meters.waited_s > 0.1
 
 
 @needs_ffmpeg

@@ -26,6 +26,7 @@ import re
 import subprocess
 import tempfile
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ TRUE_PEAK_SAFETY_DB = 0.1
 # BS.1770's absolute gate: anything quieter is silence, and normalising silence would only amplify noise.
 ABSOLUTE_GATE_LUFS = -70.0
 _LOG_TAIL_BYTES = 4096  # the last few of ebur128's per-100 ms lines
-_QUEUED_BLOCKS = 8  # per range meter: a few segments' worth of samples waiting for it
+# Samples waiting for the range meters, in ranges: every meter can have a whole range queued, so all of
+# them work at once (with a queue of 8 blocks a range, a text of short sentences fed one meter at a time).
+_QUEUED_RANGES_PER_METER = 1.5
 
 
 @dataclass(frozen=True)
@@ -290,19 +293,37 @@ class RangePeakMeters:
     renders speech. So the stream is cut into ranges of at least ``range_samples``, each measured by its own
     ffmpeg fed from a thread of its own, up to ``workers`` at a time; the stream's peak is the largest
     range's. A range ends only where the caller says silence follows, so each meter starts and ends on
-    the silence its resampler assumes. A full queue holds the caller back, so memory stays bounded.
+    the silence its resampler assumes. The ranges' queues share one bound, in samples, room for a range
+    and a half per meter (``queued_samples``): the caller waits while they hold that much, so memory stays
+    bounded (about 70 MB for 4 meters of 60 s at 48 kHz), yet every meter has its whole range to work on.
     """
 
-    def __init__(self, ffmpeg: str, sample_rate: int, range_samples: int, workers: int) -> None:
+    def __init__(
+        self,
+        ffmpeg: str,
+        sample_rate: int,
+        range_samples: int,
+        workers: int,
+        queued_samples: int | None = None,
+    ) -> None:
         self._ffmpeg = ffmpeg
         self._sample_rate = sample_rate
         self._range_samples = range_samples
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fastmaya-peak")
+        workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastmaya-peak")
         self._futures: list[Future[float]] = []
         self._meters: list[LoudnessMeter] = []
         self._meters_lock = threading.Lock()
         self._queue: queue.Queue[np.ndarray | None] | None = None
         self._fed = 0
+        self._queued_limit = (
+            queued_samples
+            if queued_samples is not None
+            else math.ceil(_QUEUED_RANGES_PER_METER * workers * range_samples)
+        )
+        self._queued = 0  # samples put and not yet taken by a meter, in every range
+        self._taken = threading.Condition()
+        self.waited_s = 0.0  # how long feed() held the caller back, waiting for the meters
 
     @property
     def ranges(self) -> int:
@@ -312,7 +333,7 @@ class RangePeakMeters:
     def feed(self, samples: np.ndarray, silence_follows: bool = False) -> None:
         """Measure these samples next; the caller must not change them afterwards."""
         if self._queue is None:
-            self._queue = queue.Queue(maxsize=_QUEUED_BLOCKS)
+            self._queue = queue.Queue()  # bounded by _queued_limit across every range
             self._futures.append(self._pool.submit(self._measure, self._queue))
             self._fed = 0
         self._put(samples)
@@ -335,8 +356,7 @@ class RangePeakMeters:
     def abort(self) -> None:
         """Stop every meter at once (on errors); nothing is measured."""
         if self._queue is not None:
-            with suppress(queue.Full):  # a full queue's meter is feeding, and fails when killed below
-                self._queue.put_nowait(None)
+            self._queue.put_nowait(None)
             self._queue = None
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._meters_lock:
@@ -349,14 +369,20 @@ class RangePeakMeters:
 
     def _put(self, item: np.ndarray | None) -> None:
         assert self._queue is not None
-        while True:
-            try:
-                self._queue.put(item, timeout=0.2)
-                return
-            except queue.Full:  # its meter is behind; wait, unless a meter has failed
-                failed = next((f for f in self._futures if f.done() and f.exception() is not None), None)
-                if failed is not None:
-                    failed.result()
+        size = 0 if item is None else len(item)
+        with self._taken:
+            if self._queued and self._queued + size > self._queued_limit:
+                started = time.perf_counter()
+                # The meters are behind; wait, unless one has failed. Something queued always drains:
+                # every range but the last is complete, and the last is fed by this very caller.
+                while self._queued and self._queued + size > self._queued_limit:
+                    failed = next((f for f in self._futures if f.done() and f.exception() is not None), None)
+                    if failed is not None:
+                        failed.result()
+                    self._taken.wait(0.2)
+                self.waited_s += time.perf_counter() - started
+            self._queued += size
+        self._queue.put(item)
 
     def _measure(self, source: queue.Queue[np.ndarray | None]) -> float:
         meter = LoudnessMeter(self._ffmpeg, self._sample_rate)
@@ -364,6 +390,9 @@ class RangePeakMeters:
             self._meters.append(meter)
         try:
             while (block := source.get()) is not None:
+                with self._taken:
+                    self._queued -= len(block)
+                    self._taken.notify_all()
                 meter.feed(block)
         except BaseException:
             meter.abort()
