@@ -114,3 +114,29 @@ def test_a_failed_piece_raises_and_remove_cleans_up(
         book.close()
     book.remove()
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pieces_are_encoded_on_the_pool_or_with_none_by_the_writer(
+    tmp_path: Path, small_pieces: int, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """workers=0 is the bench's baseline: each piece encoded by the write that completes it."""
+    threads: list[str] = []
+    real = IntermediateFlac._encode
+
+    def spy(self: IntermediateFlac, path: Path, samples: np.ndarray) -> None:
+        threads.append(threading.current_thread().name)
+        real(self, path, samples)
+
+    monkeypatch.setattr(IntermediateFlac, "_encode", spy)
+    book = IntermediateFlac(tmp_path, SR, workers=workers)
+    book.write(pcm24(np.arange(3 * small_pieces)))
+    if workers == 0:
+        assert len(list(tmp_path.glob("*.flac"))) == 3  # already on disk, before close
+    book.close()
+    assert len(threads) == 3
+    on_pool = [name.startswith("fastmaya-flac") for name in threads]
+    assert all(on_pool) if workers else not any(on_pool)
+    np.testing.assert_array_equal(
+        np.concatenate(list(book.blocks(0, 3 * small_pieces))), np.arange(3 * small_pieces) / float(1 << 23)
+    )

@@ -29,9 +29,10 @@ Streaming: only samples a later segment may still overlap stay in memory (betwee
 F samples; during one, that segment plus its pause). Everything before is appended at once to a hidden
 24-bit FLAC file beside the output (stored 12 dB down, so sums above full scale survive; about 0.3 GB per
 hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meters: one for loudness, and
-true-peak meters that measure ranges of the book at once (``loudness.RangePeakMeters``). The file's
-encoder and the loudness meter's pipe each run on a lane of their own (``lanes.Lane``), beside the thread
-that mixes the segments: each costs about as much as all the rest. ``finish``
+true-peak meters that measure ranges of the book at once (``loudness.RangePeakMeters``). The file is
+written in pieces of a minute, encoded by a pool of threads (``intermediate``), all in one hidden folder.
+The file's writer and the loudness meter's pipe each run on a lane of their own (``lanes.Lane``), beside
+the thread that mixes the segments: each costs about as much as all the rest. ``finish``
 waits for the last of them, reads the file back once per output, applies the one global gain, encodes to
 a hidden temporary name beside the final one, and only when every file (audio, manifest, subtitles) is
 complete moves them into place with ``os.replace``. With
@@ -370,13 +371,16 @@ class Assembler:
         early_part_seconds: float | None = EARLY_PART_SECONDS,
         early_encoder_count: int | None = None,
         join_with_ffmpeg: bool = False,
+        flac_encoder_count: int | None = None,
     ) -> None:
         """``encode_workers``: encoders run at once when finishing (default: the CPUs this process may use).
         ``early_part_seconds``: the length of the parts of one m4b, m4a or mp3 file encoded while the book
         renders (see ``early_parts``); None encodes everything after the last chunk.
         ``early_encoder_count``: the encoders of those parts (default: ``early_encoders``).
         ``join_with_ffmpeg``: join m4b and m4a parts with ffmpeg's remux as before ``mp4`` (for the bench's
-        comparison only)."""
+        comparison only).
+        ``flac_encoder_count``: threads encoding the intermediate file's pieces (default: ``flac_encoders``);
+        0 encodes them on the writing lane, as before ``intermediate`` (for the bench's comparison only)."""
         if spec.format not in FORMATS:
             raise ValueError(f"unknown format {spec.format!r}")
         self.spec = spec
@@ -393,6 +397,9 @@ class Assembler:
         self._early_part_seconds = early_part_seconds
         self._early_encoder_count = early_encoder_count
         self._join_with_ffmpeg = join_with_ffmpeg
+        self._flac_encoder_count = (
+            flac_encoder_count if flac_encoder_count is not None else flac_encoders(self._encode_workers)
+        )
         self._early: EarlyParts | None = None
         self._sample_peak = 0.0  # of the book so far, while early parts need it
         self._finish_steps: dict[str, float] = {}
@@ -633,7 +640,7 @@ class Assembler:
             pieces = reserve_temp(work_dir, name, ".flac-pieces", folder=True)
         except OSError as error:
             raise write_failure(self._shown_name(), error) from error
-        self._intermediate = IntermediateFlac(pieces, self.sample_rate, flac_encoders(self._encode_workers))
+        self._intermediate = IntermediateFlac(pieces, self.sample_rate, self._flac_encoder_count)
         if self._target is not None:
             # The true-peak meter is slower than an H100 renders speech: several measure ranges at once.
             ffmpeg = require_ffmpeg("it measures loudness")

@@ -40,21 +40,17 @@ TRAVEL = "travel_145_sentences.txt"
 NOVEL = "pride_and_prejudice.txt"
 SPEECH_48K = "fastmaya1_flashsr_48k.wav"
 BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
+# The novel rendered as before a change, stage novel-VARIANT (an A/B with "novel" in one run): the
+# renderer's options for each.
+NOVEL_BASELINES: dict[str, dict[str, bool]] = {
+    "decode-before": {"decode_as_before": True},  # decoded as before codec.plan_calls and pinned memory
+    "ffmpeg-join": {"join_with_ffmpeg": True},  # m4b parts joined by ffmpeg's remux, as before mp4
+    "intermediate-on-lane": {"intermediate_on_lane": True},  # one FLAC encoder on the writing lane
+}
+BASELINE_STAGES = frozenset(f"novel-{variant}" for variant in NOVEL_BASELINES)
+NOVEL_STAGES = frozenset({"novel-llm", "novel", "decode-mix"}) | BASELINE_STAGES
 # The stages that run on the LMDeploy renderer (its engine, SNAC and upsampler), built once for all of them.
-RENDERER_STAGES = frozenset(
-    {
-        "llm",
-        "render",
-        "novel-llm",
-        "novel",
-        "novel-decode-before",
-        "novel-ffmpeg-join",
-        "decode-mix",
-        "bs1",
-        "contention",
-    }
-)
-NOVEL_STAGES = frozenset({"novel-llm", "novel", "novel-decode-before", "novel-ffmpeg-join", "decode-mix"})
+RENDERER_STAGES = NOVEL_STAGES | {"llm", "render", "bs1", "contention"}
 GPU_STAGES = RENDERER_STAGES | {"hf", "upsampler", "codec"}
 DECODE_MIX_CHUNKS = 600  # of the novel, for the decode-mix stage: about 6,700 s of speech
 CPU_STAGES = frozenset({"finish"})
@@ -666,22 +662,11 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
             emit(_run_llm(novel_renderer, novel_chunks, "llm-novel", name))
         novel_out = opts.out_dir / f"novel.{opts.render_format}"
-        if "novel-decode-before" in opts.stages:
-            # The novel decoded as before codec.plan_calls and pinned memory: an A/B with "novel" in one run.
-            before = _sharing(novel_renderer, decode_as_before=True)
-            emit(
-                _run_render(
-                    before, novel, novel_out, "render-novel-decode-before", name, opts.render_loudness
-                )
-            )
-        if "novel-ffmpeg-join" in opts.stages:
-            # The novel's m4b parts joined by ffmpeg's remux, as before mp4: an A/B with "novel" in one run.
-            ffmpeg_join = _sharing(novel_renderer, join_with_ffmpeg=True)
-            emit(
-                _run_render(
-                    ffmpeg_join, novel, novel_out, "render-novel-ffmpeg-join", name, opts.render_loudness
-                )
-            )
+        for variant, change in NOVEL_BASELINES.items():
+            if f"novel-{variant}" in opts.stages:
+                before = _sharing(novel_renderer, **change)
+                stage = f"render-novel-{variant}"
+                emit(_run_render(before, novel, novel_out, stage, name, opts.render_loudness))
         if "novel" in opts.stages:
             for count in opts.novel_early_encoders or (None,):
                 changed = novel_renderer if count is None else _sharing(novel_renderer, early_encoders=count)
@@ -731,7 +716,7 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
     novel_render = next((s for s in stages if s.stage == "render-novel"), None)
     if novel_llm and novel_render:
         summary["novel_render_share_of_llm_only"] = round(novel_render.audio_per_s / novel_llm.audio_per_s, 3)
-    for variant in ("decode-before", "ffmpeg-join"):
+    for variant in NOVEL_BASELINES:
         baseline = next((s for s in stages if s.stage == f"render-novel-{variant}"), None)
         if novel_llm and baseline:
             summary[f"novel_{variant.replace('-', '_')}_share_of_llm_only"] = round(

@@ -29,15 +29,17 @@ class IntermediateFlac:
     order, encodes it in pieces on ``workers`` threads, and reads any range of it back once closed.
 
     At most ``2 * workers`` pieces wait for an encoder: a full pool holds ``write`` back, so memory
-    stays bounded. A failed piece raises from the next ``write`` or from ``close``.
+    stays bounded. A failed piece raises from the next ``write`` or from ``close``. With ``workers=0``
+    each piece is encoded by the ``write`` that completes it, as one FLAC file was before the pool (the
+    bench's baseline).
     """
 
     def __init__(self, folder: Path, sample_rate: int, workers: int) -> None:
         self.folder = folder
         self.sample_rate = sample_rate
         self.piece_samples = round(PIECE_SECONDS * sample_rate)
-        self._workers = max(1, workers)
-        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="fastmaya-flac")
+        self._workers = max(0, workers)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self._workers), thread_name_prefix="fastmaya-flac")
         self._encoding: deque[Future[None]] = deque()
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
@@ -103,7 +105,10 @@ class IntermediateFlac:
             self._encoding.popleft().result()  # raises a piece's failure
         samples = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
         path = self._piece_path(self._pieces)
-        self._encoding.append(self._pool.submit(self._encode, path, samples))
+        if self._workers:
+            self._encoding.append(self._pool.submit(self._encode, path, samples))
+        else:
+            self._encode(path, samples)
         self._pieces += 1
         self._buffer = []
         self._buffered = 0
