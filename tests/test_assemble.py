@@ -12,7 +12,6 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -218,8 +217,7 @@ def test_tiny_and_empty_segments(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- streaming
 
 
-def test_memory_holds_only_the_overlap_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fastmaya_cli.intermediate.PIECE_SECONDS", 1.0)
+def test_memory_holds_only_the_overlap_tail(tmp_path: Path) -> None:
     path = tmp_path / "long.wav"
     rng = np.random.default_rng(0)
     lengths = rng.integers(200, 2000, 300)
@@ -228,11 +226,7 @@ def test_memory_holds_only_the_overlap_tail(tmp_path: Path, monkeypatch: pytest.
             assembler.add(seg(index, rng.uniform(-0.3, 0.3, length), BOUNDARIES[index % 5]))
             assert assembler.buffered_samples <= PAUSES.samples(SR)["chapter"]
         hidden = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-        assert len(hidden) == 1 and hidden[0].is_dir()  # the intermediate file's pieces
-        deadline = time.monotonic() + 10
-        while len(list(hidden[0].glob("*.flac"))) < 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(list(hidden[0].glob("*.flac"))) >= 10  # the book so far is on disk ...
+        assert len(hidden) == 1 and hidden[0].stat().st_size > 0  # the book so far is on disk ...
         assert not path.exists()  # ... and nothing is published yet
         result = assembler.finish()
     # In memory at most: one segment plus one pause (the longest here: chapter, 4000 samples).
@@ -583,8 +577,8 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, when: object) -> None:
 
 
 def test_disk_full_while_assembling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fastmaya_cli.intermediate.PIECE_SECONDS", 0.25)
-    fail_writes(monkeypatch, lambda file: file.name.endswith("000004.flac"))  # midway through the book
+    calls = iter(range(100))
+    fail_writes(monkeypatch, lambda file: next(calls) == 4)  # midway through the intermediate file
     path = tmp_path / "book.wav"
     with pytest.raises(RuntimeFailure, match="disk full while writing") as caught:
         assemble(wav_spec(path), [seg(i, np.full(1000, 0.1)) for i in range(10)])

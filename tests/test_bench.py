@@ -218,3 +218,16 @@ def test_decode_mix_measures_book_order_calls_against_planned_ones():
     assert all(row.notes["passes"] == 2 for row in rows)
     assert before.notes["snac_padding"] > 1.5 > planned.notes["snac_padding"] > 1.0
     assert planned_pageable.notes["snac_padding"] == planned.notes["snac_padding"]
+
+
+def test_each_novel_baseline_is_a_known_stage_that_changes_a_real_render_option():
+    import dataclasses
+
+    from fastmaya_cli.render import EngineOptions, RenderOptions
+
+    options = RenderOptions(voice="v", engine=EngineOptions())
+    assert set(bench.NOVEL_BASELINES) == {"decode-before", "ffmpeg-join"}
+    for variant, change in bench.NOVEL_BASELINES.items():
+        assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
+        changed = dataclasses.replace(options, **change)  # a misspelt field raises here
+        assert all(getattr(changed, key) == value != getattr(options, key) for key, value in change.items())

@@ -29,10 +29,9 @@ Streaming: only samples a later segment may still overlap stay in memory (betwee
 F samples; during one, that segment plus its pause). Everything before is appended at once to a hidden
 24-bit FLAC file beside the output (stored 12 dB down, so sums above full scale survive; about 0.3 GB per
 hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meters: one for loudness, and
-true-peak meters that measure ranges of the book at once (``loudness.RangePeakMeters``). The file is
-written in pieces of a minute, encoded by a pool of threads (``intermediate``), all in one hidden folder.
-The file's writer and the loudness meter's pipe each run on a lane of their own (``lanes.Lane``), beside
-the thread that mixes the segments: each costs about as much as all the rest. ``finish``
+true-peak meters that measure ranges of the book at once (``loudness.RangePeakMeters``). The file's
+encoder and the loudness meter's pipe each run on a lane of their own (``lanes.Lane``), beside the thread
+that mixes the segments: each costs about as much as all the rest. ``finish``
 waits for the last of them, reads the file back once per output, applies the one global gain, encodes to
 a hidden temporary name beside the final one, and only when every file (audio, manifest, subtitles) is
 complete moves them into place with ``os.replace``. With
@@ -74,7 +73,6 @@ import soundfile as sf
 
 from fastmaya_cli.early_parts import EARLY_PART_SECONDS, WAITING_SECONDS, EarlyPart, EarlyParts, reuse_gain
 from fastmaya_cli.errors import RuntimeFailure
-from fastmaya_cli.intermediate import IntermediateFlac
 from fastmaya_cli.lanes import Lane
 from fastmaya_cli.loudness import (
     ABSOLUTE_GATE_LUFS,
@@ -146,6 +144,7 @@ BOUNDARIES = ("clause", "sentence", "paragraph", "heading", "chapter", "end")
 
 # The intermediate file stores samples 12 dB down, so a mix up to 4x full scale is kept unclipped.
 _HEADROOM = 0.25
+_READ_BLOCK = 1 << 18  # samples per read when encoding (about 5 s at 48 kHz)
 _COPY_BLOCK = 1 << 20  # bytes per read when joining encoded parts
 PEAK_RANGE_SECONDS = 60.0  # of the book per true-peak meter: the last one finishes soon after the book
 _PEAK_METERS = 4  # at most, at once: each measures about 400 audio s/s, and the GPU's process needs a core
@@ -153,9 +152,6 @@ _PEAK_METERS = 4  # at most, at once: each measures about 400 audio s/s, and the
 # book (bench runs A2: 20 parts left to the finish as "encoders busy"); LLM-only passes beside as many
 # ffmpeg AAC encoders as a render runs helpers were no slower (bench --stages contention, runs A1, A3).
 _EARLY_SHARE = 2
-# Threads encoding the intermediate file's pieces: libFLAC takes one core for about 1,100 audio s/s.
-_FLAC_ENCODERS = 3
-_FLAC_SHARE = 4  # one per this many CPUs
 _PCM24_READ_BACK = np.float32(2.0**-31)  # libsndfile's float of a 24-bit code in int32's top bytes
 _ZERO_BLOCK = 1 << 16
 
@@ -371,16 +367,13 @@ class Assembler:
         early_part_seconds: float | None = EARLY_PART_SECONDS,
         early_encoder_count: int | None = None,
         join_with_ffmpeg: bool = False,
-        flac_encoder_count: int | None = None,
     ) -> None:
         """``encode_workers``: encoders run at once when finishing (default: the CPUs this process may use).
         ``early_part_seconds``: the length of the parts of one m4b, m4a or mp3 file encoded while the book
         renders (see ``early_parts``); None encodes everything after the last chunk.
         ``early_encoder_count``: the encoders of those parts (default: ``early_encoders``).
         ``join_with_ffmpeg``: join m4b and m4a parts with ffmpeg's remux as before ``mp4`` (for the bench's
-        comparison only).
-        ``flac_encoder_count``: threads encoding the intermediate file's pieces (default: ``flac_encoders``);
-        0 encodes them on the writing lane, as before ``intermediate`` (for the bench's comparison only)."""
+        comparison only)."""
         if spec.format not in FORMATS:
             raise ValueError(f"unknown format {spec.format!r}")
         self.spec = spec
@@ -397,9 +390,6 @@ class Assembler:
         self._early_part_seconds = early_part_seconds
         self._early_encoder_count = early_encoder_count
         self._join_with_ffmpeg = join_with_ffmpeg
-        self._flac_encoder_count = (
-            flac_encoder_count if flac_encoder_count is not None else flac_encoders(self._encode_workers)
-        )
         self._early: EarlyParts | None = None
         self._sample_peak = 0.0  # of the book so far, while early parts need it
         self._finish_steps: dict[str, float] = {}
@@ -408,7 +398,8 @@ class Assembler:
         self._state = "new"  # new -> open -> finished | failed
         self._work_dir: Path | None = None
         self._created_dir: Path | None = None
-        self._intermediate: IntermediateFlac | None = None
+        self._intermediate_path: Path | None = None
+        self._intermediate: sf.SoundFile | None = None
         # Direct mode: the output's own encoder instead of the intermediate file (see the module doc).
         self._direct = self._target is None and not spec.split_chapters and spec.format == "flac"
         self._direct_output: _Output | None = None
@@ -635,12 +626,18 @@ class Assembler:
             )
             self._emit_zeros(self._head)
             return
-        name = self.spec.path.name if self.spec.path is not None else "fastmaya-stdout"
         try:
-            pieces = reserve_temp(work_dir, name, ".flac-pieces", folder=True)
-        except OSError as error:
+            self._intermediate_path = self._reserve(".flac")
+            self._intermediate = sf.SoundFile(
+                str(self._intermediate_path),
+                "w",
+                samplerate=self.sample_rate,
+                channels=1,
+                format="FLAC",
+                subtype="PCM_24",
+            )
+        except (sf.LibsndfileError, OSError) as error:
             raise write_failure(self._shown_name(), error) from error
-        self._intermediate = IntermediateFlac(pieces, self.sample_rate, self._flac_encoder_count)
         if self._target is not None:
             # The true-peak meter is slower than an H100 renders speech: several measure ranges at once.
             ffmpeg = require_ffmpeg("it measures loudness")
@@ -744,7 +741,8 @@ class Assembler:
             self._peaks.abort()
             self._peaks = None
         if self._intermediate is not None:
-            self._intermediate.remove()
+            with suppress(Exception):  # already failing; the file is removed next
+                self._intermediate.close()
             self._intermediate = None
         if self._direct_writer is not None:
             self._direct_writer.abort()
@@ -805,6 +803,7 @@ class Assembler:
                 self._intermediate.close()
             except (sf.LibsndfileError, OSError) as error:
                 raise write_failure(self._shown_name(), error) from error
+            self._intermediate = None
 
         self._lap("tail")
         # A part with more left to encode than the finish gives one encoder waits no longer than that.
@@ -874,9 +873,6 @@ class Assembler:
         for path in self._temps:
             remove_quietly(path)
         self._temps.clear()
-        if self._intermediate is not None:
-            self._intermediate.remove()
-            self._intermediate = None
 
         if self._clipped:
             over = "over full scale" if self._direct else "more than 12 dB over full scale"
@@ -1035,8 +1031,16 @@ class Assembler:
 
     def _intermediate_blocks(self, start: int, stop: int) -> Iterator[np.ndarray]:
         """Samples ``[start, stop)`` of the intermediate file, a block at a time."""
-        assert self._intermediate is not None
-        return self._intermediate.blocks(start, stop)
+        assert self._intermediate_path is not None
+        with sf.SoundFile(str(self._intermediate_path)) as source:
+            source.seek(start)
+            remaining = stop - start
+            while remaining > 0:
+                block = source.read(min(_READ_BLOCK, remaining), dtype="float32")
+                if len(block) == 0:
+                    raise RuntimeError("intermediate file ended early")
+                yield block
+                remaining -= len(block)
 
     def _encode_blocks(self, writer: AudioWriter, blocks: Iterable[np.ndarray], factor: float) -> None:
         """Feed the blocks, times ``factor``, to the writer and close it; on a failure or a cancel, abort it."""
@@ -1255,11 +1259,6 @@ class Assembler:
 def peak_meters(encode_workers: int) -> int:
     """True-peak meters run at once, beside a render with loudness on."""
     return max(1, min(_PEAK_METERS, encode_workers // 2))
-
-
-def flac_encoders(encode_workers: int) -> int:
-    """Threads encoding the intermediate file's pieces (see ``intermediate``)."""
-    return max(1, min(_FLAC_ENCODERS, encode_workers // _FLAC_SHARE))
 
 
 def early_encoders(encode_workers: int) -> int:

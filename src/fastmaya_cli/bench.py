@@ -45,10 +45,8 @@ BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
 NOVEL_BASELINES: dict[str, dict[str, bool]] = {
     "decode-before": {"decode_as_before": True},  # decoded as before codec.plan_calls and pinned memory
     "ffmpeg-join": {"join_with_ffmpeg": True},  # m4b parts joined by ffmpeg's remux, as before mp4
-    "intermediate-on-lane": {"intermediate_on_lane": True},  # one FLAC encoder on the writing lane
 }
-BASELINE_STAGES = frozenset(f"novel-{variant}" for variant in NOVEL_BASELINES)
-NOVEL_STAGES = frozenset({"novel-llm", "novel", "decode-mix"}) | BASELINE_STAGES
+NOVEL_STAGES = frozenset({"novel-llm", "novel", "decode-mix"} | {f"novel-{v}" for v in NOVEL_BASELINES})
 # The stages that run on the LMDeploy renderer (its engine, SNAC and upsampler), built once for all of them.
 RENDERER_STAGES = NOVEL_STAGES | {"llm", "render", "bs1", "contention"}
 GPU_STAGES = RENDERER_STAGES | {"hf", "upsampler", "codec"}

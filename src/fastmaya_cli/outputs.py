@@ -308,9 +308,8 @@ def output_lock(path: Path) -> Iterator[Path]:
 # ------------------------------------------------------------------------------------ temporary files
 
 
-def reserve_temp(directory: Path, name: str, suffix: str, *, folder: bool = False) -> Path:
-    """Create an empty hidden file (or, with ``folder``, folder) in ``directory`` with a fresh name and
-    return its path.
+def reserve_temp(directory: Path, name: str, suffix: str) -> Path:
+    """Create an empty hidden file in ``directory`` with a fresh name and return its path.
 
     Created with mode 0666 minus the umask (unlike mkstemp's 0600), so the final file gets the permissions
     any newly written file would.
@@ -318,9 +317,6 @@ def reserve_temp(directory: Path, name: str, suffix: str, *, folder: bool = Fals
     while True:
         candidate = directory / f".{name}.{secrets.token_hex(4)}.fastmaya-tmp{suffix}"
         try:
-            if folder:
-                candidate.mkdir()
-                return candidate
             fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue

@@ -77,8 +77,6 @@ class RenderOptions:
     early_encoders: int | None = None  # encoders of the output's early parts; None: assemble.early_encoders
     decode_as_before: bool = False  # SNAC calls in book order, pageable copies: the bench's baseline
     join_with_ffmpeg: bool = False  # m4b/m4a parts joined by ffmpeg's remux, not mp4: the bench's baseline
-    # The intermediate FLAC encoded on the assembler's writing lane, as before intermediate's pool: likewise.
-    intermediate_on_lane: bool = False
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -391,11 +389,7 @@ class Renderer:
         pending = [i for i, s in enumerate(states) if s.status == "pending"]
         started = time.perf_counter()
         with Assembler(
-            spec,
-            opts.pauses,
-            early_encoder_count=opts.early_encoders,
-            join_with_ffmpeg=opts.join_with_ffmpeg,
-            flac_encoder_count=0 if opts.intermediate_on_lane else None,
+            spec, opts.pauses, early_encoder_count=opts.early_encoders, join_with_ffmpeg=opts.join_with_ffmpeg
         ) as assembler:
             worker = DecodeWorker(self, states, tracker, assembler, book)
             worker.start()
