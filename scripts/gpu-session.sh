@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs a command on the lent GPU machine, which has torch and transformers but no network:
-# installs the carried wheels (.whl/, made by ../shared/device/fetch-wheels.sh), points the data
+# installs the carried wheels (.whl/, made by scripts/gpu-wheels.sh), points the data
 # folder at the carried copy (.devdata/), then runs "$@" with `fastmaya` on the PATH.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
