@@ -26,7 +26,6 @@ import re
 import subprocess
 import tempfile
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,18 +292,11 @@ class RangePeakMeters:
     ffmpeg fed from a thread of its own, up to ``workers`` at a time; the stream's peak is the largest
     range's. A range ends only where the caller says silence follows, so each meter starts and ends on
     the silence its resampler assumes. The ranges' queues share one bound, in samples, room for a range
-    and a half per meter (``queued_samples``): the caller waits while they hold that much, so memory stays
+    and a half per meter: the caller waits while they hold that much, so memory stays
     bounded (about 70 MB for 4 meters of 60 s at 48 kHz), yet every meter has its whole range to work on.
     """
 
-    def __init__(
-        self,
-        ffmpeg: str,
-        sample_rate: int,
-        range_samples: int,
-        workers: int,
-        queued_samples: int | None = None,
-    ) -> None:
+    def __init__(self, ffmpeg: str, sample_rate: int, range_samples: int, workers: int) -> None:
         self._ffmpeg = ffmpeg
         self._sample_rate = sample_rate
         self._range_samples = range_samples
@@ -315,14 +307,9 @@ class RangePeakMeters:
         self._meters_lock = threading.Lock()
         self._queue: queue.Queue[np.ndarray | None] | None = None
         self._fed = 0
-        self._queued_limit = (
-            queued_samples
-            if queued_samples is not None
-            else math.ceil(_QUEUED_RANGES_PER_METER * workers * range_samples)
-        )
+        self._queued_limit = math.ceil(_QUEUED_RANGES_PER_METER * workers * range_samples)
         self._queued = 0  # samples put and not yet taken by a meter, in every range
         self._taken = threading.Condition()
-        self.waited_s = 0.0  # how long feed() held the caller back, waiting for the meters
 
     @property
     def ranges(self) -> int:
@@ -370,16 +357,13 @@ class RangePeakMeters:
         assert self._queue is not None
         size = 0 if item is None else len(item)
         with self._taken:
-            if self._queued and self._queued + size > self._queued_limit:
-                started = time.perf_counter()
-                # The meters are behind; wait, unless one has failed. Something queued always drains:
-                # every range but the last is complete, and the last is fed by this very caller.
-                while self._queued and self._queued + size > self._queued_limit:
-                    failed = next((f for f in self._futures if f.done() and f.exception() is not None), None)
-                    if failed is not None:
-                        failed.result()
-                    self._taken.wait(0.2)
-                self.waited_s += time.perf_counter() - started
+            # While the meters are behind, wait, unless one has failed. Something queued always drains:
+            # every range but the last is complete, and the last is fed by this very caller.
+            while self._queued and self._queued + size > self._queued_limit:
+                failed = next((f for f in self._futures if f.done() and f.exception() is not None), None)
+                if failed is not None:
+                    failed.result()
+                self._taken.wait(0.2)
             self._queued += size
         self._queue.put(item)
 
