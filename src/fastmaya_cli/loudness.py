@@ -292,8 +292,8 @@ class RangePeakMeters:
     ffmpeg fed from a thread of its own, up to ``workers`` at a time; the stream's peak is the largest
     range's. A range ends only where the caller says silence follows, so each meter starts and ends on
     the silence its resampler assumes. The ranges' queues share one bound, in samples, room for a range
-    and a half per meter: the caller waits while they hold that much, so memory stays
-    bounded (about 70 MB for 4 meters of 60 s at 48 kHz), yet every meter has its whole range to work on.
+    and a half per meter: the caller waits while they hold that much, so memory stays bounded (about
+    70 MB for 4 meters of 60 s at 48 kHz), yet every meter has its whole range to work on.
     """
 
     def __init__(self, ffmpeg: str, sample_rate: int, range_samples: int, workers: int) -> None:
