@@ -231,3 +231,30 @@ def test_each_novel_baseline_is_a_known_stage_that_changes_a_real_render_option(
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
         changed = dataclasses.replace(options, **change)  # a misspelt field raises here
         assert all(getattr(changed, key) == value != getattr(options, key) for key, value in change.items())
+
+
+def test_the_gain_trail_shows_what_each_early_part_asked_for_against_the_books_gain():
+    import math
+    from pathlib import Path
+
+    from fastmaya_cli.early_parts import LEFT_NO_ESTIMATE, EarlyPart
+    from fastmaya_cli.loudness import Measurement, report_for
+    from fastmaya_cli.render import RenderResult
+
+    # Peak-limited: -25 LUFS asks for +6 dB, a -8 dBTP peak allows 4.9 (the limit -3, less 0.1).
+    loudness = report_for("acx", Measurement(-25.0, -8.0), 4.8)
+    early = (
+        EarlyPart(0, 10, None, math.nan, LEFT_NO_ESTIMATE),
+        EarlyPart(10, 20, Path("/a"), 5.3, "", 6.2, 5.34),
+        EarlyPart(20, 30, Path("/b"), 4.8, "", 6.0, 4.87),
+    )
+    result = RenderResult(None, 3, 0, 0, 1.0, 1.0, loudness=loudness, early=early)
+    assert bench.gain_trail(result) == {
+        "gain_db": 4.8,
+        "exact_gain_db": 4.9,
+        "early_gains_db": [None, 5.3, 4.8],
+        "early_loudness_gains_db": [None, 6.2, 6.0],
+        "early_peak_limits_db": [None, 5.34, 4.87],
+    }
+    off = RenderResult(None, 3, 0, 0, 1.0, 1.0, loudness=report_for("off", None, 0.0))
+    assert bench.gain_trail(off) == {}

@@ -21,6 +21,8 @@ from fastmaya_cli.early_parts import (
     LEFT_BUSY,
     LEFT_CUT_SHORT,
     LEFT_NO_ESTIMATE,
+    LEFT_SETTLING,
+    SETTLE_SECONDS,
     WAITING_SECONDS,
     EarlyPart,
     EarlyParts,
@@ -153,6 +155,66 @@ def test_a_part_still_waiting_for_an_encoder_is_left_to_the_finish() -> None:
     assert [p.left for p in parts] == ["", LEFT_AT_END]
 
 
+def feed_parts(early: EarlyParts, count: int, part: int = 20_000) -> None:
+    """``count`` parts of sound, each ending in a silence long enough to cut in."""
+    for start in range(0, count * 2 * part, 2 * part):
+        early.feed(np.ones(part, dtype=np.float32))
+        early.offer_silence(start + part, start + 2 * part)
+        early.feed(np.zeros(part, dtype=np.float32))
+
+
+def test_parts_cut_before_the_settling_time_wait_for_it_and_share_its_gain() -> None:
+    """The book so far asks for less gain as it grows. The parts cut before the settling time are not
+    encoded at the gain of their own cut, but once the book reaches it, at the gain it asks for then."""
+    fed = [0]
+    encoded: list[tuple[int, float, int]] = []  # part, gain, samples fed when it was encoded
+
+    def encode(index: int, blocks: Iterable[np.ndarray], gain_db: float) -> Path:
+        encoded.append((index, gain_db, fed[0]))
+        return Path(f"/part{index}")
+
+    def estimate() -> tuple[float, float]:
+        return -fed[0] / 40_000, math.inf  # -1 dB more each part
+
+    early = EarlyParts(AAC, 30_000, 1, encode, estimate, max_waiting=100, settle_samples=160_000)
+    real_feed = early.feed
+
+    def counted(values: np.ndarray) -> None:
+        fed[0] += len(values)
+        real_feed(values)
+
+    early.feed = counted  # type: ignore[method-assign]
+    feed_parts(early, 6)  # parts end in the silences after 20k, 60k, ... 220k
+    deadline = time.monotonic() + 10
+    while len(encoded) < 5 and time.monotonic() < deadline:  # the encoder drains its queue
+        time.sleep(0.01)
+    parts = early.finish()
+    assert [p.path is not None for p in parts] == [True] * 5
+    # Parts 0-2, cut before 160k samples, got the gain asked for at 160k; the later ones their own.
+    assert [p.gain_db for p in parts] == [-4.0, -4.0, -4.0, -5.0, -6.0]
+    assert [p.loudness_gain_db for p in parts] == [-4.0, -4.0, -4.0, -5.0, -6.0]
+    assert [p.stop < 160_000 for p in parts] == [True, True, True, False, False]
+    assert all(at >= 160_000 for _, _, at in encoded)  # not one was encoded before the settling time
+
+
+def test_a_book_shorter_than_the_settling_time_leaves_its_parts_to_the_finish() -> None:
+    encoded: list[int] = []
+
+    def encode(index: int, blocks: Iterable[np.ndarray], gain_db: float) -> Path:
+        encoded.append(index)
+        return Path(f"/part{index}")
+
+    early = EarlyParts(AAC, 30_000, 2, encode, lambda: (-2.0, math.inf), settle_samples=10**7)
+    feed_parts(early, 4)
+    parts = early.finish()
+    assert len(parts) == 3 and encoded == []
+    assert [p.left for p in parts] == [LEFT_SETTLING] * 3 and all(p.path is None for p in parts)
+    # No more parts wait for the settling time than may wait at all: the rest go to the finish.
+    early = EarlyParts(AAC, 30_000, 2, encode, lambda: (-2.0, math.inf), max_waiting=2, settle_samples=10**7)
+    feed_parts(early, 5)
+    assert [p.left for p in early.finish()] == [LEFT_SETTLING] * 2 + [LEFT_BUSY] * 2 and encoded == []
+
+
 @pytest.mark.parametrize("longest_wait", [5000, 100_000])
 def test_a_part_with_much_left_to_encode_at_the_end_is_cut_short(longest_wait: int) -> None:
     """Its encoder stops, and the finish, which shares it among every core, encodes it again; with
@@ -202,11 +264,15 @@ def test_the_meter_reports_the_loudness_so_far() -> None:
 # --------------------------------------------------------------------------------------- end to end
 
 
-def render(path: Path, segments: list[Segment], loudness: str, parts_seconds: float | None) -> object:
+def render(
+    path: Path, segments: list[Segment], loudness: str, parts_seconds: float | None, settle: float = 0.0
+) -> object:
     info = BookInfo("Long Book", "Ann Author", None, None, None)
     # A high bitrate keeps coding noise well below the level steps the tests look for.
     spec = OutputSpec(path, path.suffix[1:], sample_rate=SR, loudness=loudness, info=info, bitrate="192k")
-    with Assembler(spec, Pauses(), encode_workers=3, early_part_seconds=parts_seconds) as assembler:
+    with Assembler(
+        spec, Pauses(), encode_workers=3, early_part_seconds=parts_seconds, early_settle_seconds=settle
+    ) as assembler:
         for segment in segments:
             assembler.add(segment)
             time.sleep(0.02)  # a render's pace: the early encoders keep up
@@ -306,6 +372,10 @@ def test_a_book_that_grows_louder_still_has_one_gain(
     assert (
         tally.get("kept", 0) >= 1 and tally.get("another gain", 0) >= 1 and sum(tally.values()) == len(parts)
     )
+    # Each part keeps what the book so far asked for when it was cut: the louder half asked for less gain.
+    cut = result.early  # type: ignore[attr-defined]
+    asked = [(p.gain_db, p.loudness_gain_db, p.peak_limit_db) for p in cut if p.path]
+    assert asked[0][1] - asked[-1][1] > 4 and all(gain <= limit for gain, _, limit in asked)
     gain = result.loudness.gain_db  # type: ignore[attr-defined]
     exact = reference.loudness.gain_db  # type: ignore[attr-defined]
     assert gain in gains and abs(gain - exact) <= GAIN_TOLERANCE_DB
@@ -353,10 +423,12 @@ def test_a_burst_of_parts_may_wait_for_the_early_encoders(
     """Parts come in bursts when the chunk the book waited for arrives: as many may wait as
     ``WAITING_SECONDS`` of the book, not just two per encoder."""
     asked: list[int] = []
+    settle: list[int] = []
 
     class Recorded(EarlyParts):
         def __init__(self, *args: object, **kwargs: object) -> None:
             asked.append(kwargs["max_waiting"])  # type: ignore[arg-type]
+            settle.append(kwargs["settle_samples"])  # type: ignore[arg-type]
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(assemble, "EarlyParts", Recorded)
@@ -365,6 +437,21 @@ def test_a_burst_of_parts_may_wait_for_the_early_encoders(
         assembler.add(book_segments(3.0)[0])
         assembler.finish()
     assert asked == [math.ceil(WAITING_SECONDS / 60.0)] and asked[0] > 2 * assemble.early_encoders(8)
+    # The parts before SETTLE_SECONDS of the book wait for it; they fit in what may wait.
+    assert settle == [round(SETTLE_SECONDS * SR)] and SETTLE_SECONDS < WAITING_SECONDS
+
+
+@needs_ffmpeg
+def test_a_book_shorter_than_the_settling_time_is_encoded_in_the_finish(
+    tmp_path: Path, patient: list[EarlyParts]
+) -> None:
+    segments = book_segments(30.0)
+    result = render(tmp_path / "book.m4b", segments, "acx", 5.0, settle=60.0)
+    reference = render(tmp_path / "reference.m4b", segments, "acx", None)
+    assert result.encoded_early == 0 and len(patient[0].cuts) >= 3  # type: ignore[attr-defined]
+    assert result.early_parts == {LEFT_SETTLING: len(patient[0].cuts)}  # type: ignore[attr-defined]
+    assert result.loudness.gain_db == reference.loudness.gain_db  # type: ignore[attr-defined]
+    assert np.array_equal(decode(tmp_path / "book.m4b"), decode(tmp_path / "reference.m4b"))
 
 
 @needs_ffmpeg

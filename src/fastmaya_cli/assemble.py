@@ -71,7 +71,14 @@ from typing import Any, Protocol
 import numpy as np
 import soundfile as sf
 
-from fastmaya_cli.early_parts import EARLY_PART_SECONDS, WAITING_SECONDS, EarlyPart, EarlyParts, reuse_gain
+from fastmaya_cli.early_parts import (
+    EARLY_PART_SECONDS,
+    SETTLE_SECONDS,
+    WAITING_SECONDS,
+    EarlyPart,
+    EarlyParts,
+    reuse_gain,
+)
 from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.lanes import Lane
 from fastmaya_cli.loudness import (
@@ -238,6 +245,7 @@ class AssemblyResult:
     encoded_early: float = 0.0  # seconds of the book whose encode, made while it rendered, was kept
     early_parts: dict[str, int] = field(default_factory=dict)  # parts: kept, at another gain, or why left
     finish_steps: dict[str, float] = field(default_factory=dict)  # seconds each step of finish() took
+    early: tuple[EarlyPart, ...] = ()  # the parts cut while the book rendered, with the gains they asked for
 
 
 def expected_length(
@@ -366,12 +374,14 @@ class Assembler:
         encode_workers: int | None = None,
         early_part_seconds: float | None = EARLY_PART_SECONDS,
         early_encoder_count: int | None = None,
+        early_settle_seconds: float = SETTLE_SECONDS,
         join_with_ffmpeg: bool = False,
     ) -> None:
         """``encode_workers``: encoders run at once when finishing (default: the CPUs this process may use).
         ``early_part_seconds``: the length of the parts of one m4b, m4a or mp3 file encoded while the book
         renders (see ``early_parts``); None encodes everything after the last chunk.
         ``early_encoder_count``: the encoders of those parts (default: ``early_encoders``).
+        ``early_settle_seconds``: the book measured before those parts get a gain (see ``early_parts``).
         ``join_with_ffmpeg``: join m4b and m4a parts with ffmpeg's remux as before ``mp4`` (for the bench's
         comparison only)."""
         if spec.format not in FORMATS:
@@ -389,6 +399,7 @@ class Assembler:
         self._encode_workers = max(1, encode_workers or available_cpus())
         self._early_part_seconds = early_part_seconds
         self._early_encoder_count = early_encoder_count
+        self._early_settle_seconds = early_settle_seconds
         self._join_with_ffmpeg = join_with_ffmpeg
         self._early: EarlyParts | None = None
         self._sample_peak = 0.0  # of the book so far, while early parts need it
@@ -669,6 +680,7 @@ class Assembler:
             partial(self._encode_early, codec),
             self._estimated_gain,
             max_waiting=max(2 * workers, math.ceil(WAITING_SECONDS / self._early_part_seconds)),
+            settle_samples=round(self._early_settle_seconds * self.sample_rate),
         )
 
     def _estimated_gain(self) -> tuple[float | None, float]:
@@ -892,6 +904,7 @@ class Assembler:
             warnings=tuple(warnings),
             encoded_early=sum(early[index].stop - early[index].start for index in kept) / self.sample_rate,
             early_parts=_early_tally(early, kept),
+            early=tuple(early),
             finish_steps={name: round(seconds, 3) for name, seconds in self._finish_steps.items()},
         )
 

@@ -228,8 +228,32 @@ def _run_render(  # noqa: ANN001
             "finish_steps_s": result.finish_steps,
             "early_parts": result.early_parts,
             "snac_padding": round(result.snac_padding, 3),
+            **gain_trail(result),
         },
     )
+
+
+def gain_trail(result) -> dict:  # noqa: ANN001 - render.RenderResult
+    """The book's gain against the exact one, and for each early part, in book order: the gain it was
+    encoded at, and the loudness's gain and the peak's limit that the book so far asked for when it
+    was cut. It tells which of the two moved the early gains away from the book's."""
+    from .loudness import LOUDNESS_TARGETS, Measurement, global_gain_db
+
+    report = result.loudness
+    if report is None or report.target_lufs is None:
+        return {}
+
+    def rounded(value: float) -> float | None:
+        return round(value, 2) if np.isfinite(value) else None
+
+    measured = Measurement(report.integrated_lufs_before, report.true_peak_dbtp_before)
+    return {
+        "gain_db": round(report.gain_db, 2),
+        "exact_gain_db": rounded(global_gain_db(measured, LOUDNESS_TARGETS[report.mode])),
+        "early_gains_db": [rounded(part.gain_db) for part in result.early],
+        "early_loudness_gains_db": [rounded(part.loudness_gain_db) for part in result.early],
+        "early_peak_limits_db": [rounded(part.peak_limit_db) for part in result.early],
+    }
 
 
 class CpuLoad:

@@ -15,6 +15,11 @@ part is ``part_samples`` long, the first frame-aligned position with the margins
 describes becomes its end. The parts are fed exactly as ``split_encode.part_sources`` says, so they join
 with those the finish encodes.
 
+The gain of the first minutes is a poor guess at the book's (in the bench's 13.7 h novel, the first two
+minutes asked for 0.2 dB more than the book did, and the parts that kept that gain, the first 36 minutes,
+were all encoded again). So the parts cut before ``SETTLE_SECONDS`` of the book was measured wait, and are
+encoded at the gain the book asks for then.
+
 Memory stays bounded: a part waits in memory only until an encoder takes it, and a part that finds
 ``max_waiting`` parts already waiting is not encoded early but left to the finish. The assembler lets
 ``WAITING_SECONDS`` of the book wait: its samples come in bursts, whenever the chunk it waited for in book
@@ -41,6 +46,9 @@ EARLY_PART_SECONDS = 120.0  # of the book per early part
 # Of the book waiting for an encoder at most (0.35 GB of float32 at 48 kHz): a burst as long as the
 # audio the renderer decodes ahead (render.DECODED_AHEAD_S) is encoded early, not left to the finish.
 WAITING_SECONDS = 1800.0
+# Of the book measured before the first early gain is chosen; the parts before it wait (0.12 GB), within
+# WAITING_SECONDS.
+SETTLE_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,10 @@ class EarlyPart:
     path: Path | None  # its bare stream; None where it was not encoded early (or its encoder failed)
     gain_db: float
     left: str = ""  # why it was not encoded early: one of the LEFT_ reasons below
+    # What the book so far asked for when the part was cut: the loudness's gain and the peak's limit
+    # (``estimate_gain``), to tell in a report which of them moved the gain.
+    loudness_gain_db: float = math.nan
+    peak_limit_db: float = math.nan
 
 
 LEFT_NO_ESTIMATE = "no loudness yet"
@@ -57,6 +69,7 @@ LEFT_BUSY = "encoders busy"
 LEFT_AT_END = "still waiting at the end"
 LEFT_CUT_SHORT = "cut short at the end"
 LEFT_FAILED = "encoder failed"
+LEFT_SETTLING = "loudness still settling at the end"
 
 
 def speculative_gain(loudness_db: float, peak_limit_db: float, previous_db: float | None) -> float:
@@ -101,7 +114,8 @@ class EarlyParts:
     """Collects the book's samples as the assembler writes them and encodes finished parts on
     ``workers`` threads. ``encode(index, blocks, gain_db)`` encodes the samples of part ``index`` into a
     file and returns its path; ``estimate_gain()`` gives the gain the loudness of the book so far asks
-    for (None while there is none) and the most its true peak so far allows (inf while unknown)."""
+    for (None while there is none) and the most its true peak so far allows (inf while unknown). Parts
+    cut before ``settle_samples`` of the book wait for it (see the module doc)."""
 
     def __init__(
         self,
@@ -111,8 +125,11 @@ class EarlyParts:
         encode: Callable[[int, Iterable[np.ndarray], float], Path],
         estimate_gain: Callable[[], tuple[float | None, float]],
         max_waiting: int | None = None,
+        settle_samples: int = 0,
     ) -> None:
         self._codec = codec
+        self._settle_samples = settle_samples
+        self._settling: list[tuple[int, list[np.ndarray]]] = []  # parts cut before it, waiting
         self._part_samples = part_samples
         self._encode = encode
         self._estimate_gain = estimate_gain
@@ -122,6 +139,7 @@ class EarlyParts:
         self._waiting = 0
         self._futures: list[Future[Path] | None] = []
         self._gains: list[float] = []
+        self._estimates: list[tuple[float, float]] = []
         self._left: dict[int, str] = {}  # why a part was left to the finish, by index
         self._progress: dict[int, tuple[int, int]] = {}  # parts being encoded: samples fed, of all
         self._cut_short: set[int] = set()  # parts whose encoders stop at their next block
@@ -160,17 +178,25 @@ class EarlyParts:
             if hi > lo:
                 self._blocks.append(values[lo - begin : hi - begin])
             if self._next_cut is None or self._position < self._next_cut:
-                return
-            self._submit(self._blocks)
+                break
+            if self._next_cut < self._settle_samples:
+                self._settle(self._blocks)
+            else:
+                self._submit(self._blocks)
             self._blocks = []
             self._cuts.append(self._next_cut)
             self._next_cut = None
+        if self._settling and self._position >= self._settle_samples:
+            self._release_settled()
 
     def finish(self, longest_wait: int = 0) -> list[EarlyPart]:
         """The parts that ended before the book did, in order. A part still waiting for an encoder, or
         with more than ``longest_wait`` samples still to encode, is left to the finish, which shares it
         among every core; the encoders with less to do are waited for."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for index, _ in self._settling:  # the book was shorter than the settling time
+            self._left[index] = LEFT_SETTLING
+        self._settling = []
         with self._lock:
             for index, (fed, total) in self._progress.items():
                 if total - fed > longest_wait:
@@ -189,29 +215,72 @@ class EarlyParts:
                     left = LEFT_FAILED
                 else:
                     path = future.result()
-            parts.append(EarlyPart(self._cuts[index], self._cuts[index + 1], path, self._gains[index], left))
+            parts.append(
+                EarlyPart(
+                    self._cuts[index],
+                    self._cuts[index + 1],
+                    path,
+                    self._gains[index],
+                    left,
+                    *self._estimates[index],
+                )
+            )
         return parts
 
     def abort(self) -> None:
         """Drop what has not started; the caller's cancel flag stops what has."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._blocks = []
+        self._settling = []
+
+    def _settle(self, blocks: list[np.ndarray]) -> None:
+        """Keep a part cut before the settling time until the book reaches it (see ``_release_settled``)."""
+        index = self._reserve()
+        with self._lock:
+            full = self._waiting >= self._max_waiting
+            if not full:
+                self._waiting += 1
+        if full:  # a settling time longer than may wait: the finish encodes the part
+            self._left[index] = LEFT_BUSY
+        else:
+            self._settling.append((index, blocks))
+
+    def _release_settled(self) -> None:
+        """Encode the parts that waited for the settling time, at the one gain the book asks for now."""
+        loudness_db, peak_limit_db = self._estimate_gain()
+        settling, self._settling = self._settling, []
+        for index, blocks in settling:
+            self._estimates[index] = (math.nan if loudness_db is None else loudness_db, peak_limit_db)
+            if loudness_db is None or not math.isfinite(loudness_db):
+                with self._lock:
+                    self._waiting -= 1
+                self._left[index] = LEFT_NO_ESTIMATE
+                continue
+            self._gain = speculative_gain(loudness_db, peak_limit_db, self._gain)
+            self._gains[index] = self._gain
+            self._futures[index] = self._pool.submit(self._run, index, blocks, self._gain)
+
+    def _reserve(self) -> int:
+        """A place for the next part: not encoded early until it is submitted."""
+        self._futures.append(None)
+        self._gains.append(math.nan)
+        self._estimates.append((math.nan, math.inf))
+        return len(self._futures) - 1
 
     def _submit(self, blocks: list[np.ndarray]) -> None:
-        index = len(self._futures)
+        index = self._reserve()
         loudness_db, peak_limit_db = self._estimate_gain()
+        self._estimates[index] = (math.nan if loudness_db is None else loudness_db, peak_limit_db)
         with self._lock:
             full = self._waiting >= self._max_waiting
         if loudness_db is None or not math.isfinite(loudness_db) or full:
-            self._futures.append(None)  # the finish encodes this part
-            self._gains.append(math.nan)
-            self._left[index] = LEFT_BUSY if full else LEFT_NO_ESTIMATE
+            self._left[index] = LEFT_BUSY if full else LEFT_NO_ESTIMATE  # the finish encodes it
             return
         self._gain = speculative_gain(loudness_db, peak_limit_db, self._gain)
         with self._lock:
             self._waiting += 1
-        self._futures.append(self._pool.submit(self._run, index, blocks, self._gain))
-        self._gains.append(self._gain)
+        self._futures[index] = self._pool.submit(self._run, index, blocks, self._gain)
+        self._gains[index] = self._gain
 
     def _run(self, index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
         with self._lock:

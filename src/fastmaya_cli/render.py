@@ -30,10 +30,12 @@ from . import maya1
 from .assemble import Assembler, BookInfo, OutputSpec, Pauses, Segment, check_output, output_lock
 from .cache import CachedChunk, ChunkCache, atomic_write, fingerprint, model_fingerprint
 from .codec import DEFAULT_CODEC, SnacDecoder, plan_calls
+from .early_parts import EarlyPart
 from .engines import Engine, Generation, Request, Sampling
 from .engines.factory import parse_gpus
 from .engines.feed import RequestFeed
 from .errors import RuntimeFailure
+from .loudness import LoudnessReport
 from .progress import Progress
 from .text import Book, Chunk, expected_seconds, iter_chunks, read_book, sentence_splitter, spoken_text
 
@@ -118,6 +120,8 @@ class RenderResult:
     finish_steps: dict[str, float] = field(default_factory=dict)  # AssemblyResult.finish_steps
     early_parts: dict[str, int] = field(default_factory=dict)  # AssemblyResult.early_parts
     snac_padding: float = 0.0  # frames SNAC computed over the frames it decoded (1: no padding)
+    loudness: LoudnessReport | None = None  # AssemblyResult.loudness
+    early: tuple[EarlyPart, ...] = ()  # AssemblyResult.early
 
 
 def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> float:
@@ -427,6 +431,8 @@ class Renderer:
             finish_steps=assembled.finish_steps,
             early_parts=assembled.early_parts,
             snac_padding=worker.frames_computed / worker.frames_decoded if worker.frames_decoded else 0.0,
+            loudness=assembled.loudness,
+            early=assembled.early,
         )
 
     def _request(self, index: int, state: ChunkState) -> Request:
