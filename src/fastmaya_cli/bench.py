@@ -235,8 +235,8 @@ def _run_render(  # noqa: ANN001
 
 def gain_trail(result) -> dict:  # noqa: ANN001 - render.RenderResult
     """The book's gain against the exact one, and for each early part, in book order: the gain it was
-    encoded at, and the loudness's gain and the peak's limit that the book so far asked for when it
-    was cut. It tells which of the two moved the early gains away from the book's."""
+    encoded at, and the loudness's gain and the peak's limit that the book so far asked for when it got
+    that gain. It tells which of the two moved the early gains away from the book's."""
     from .loudness import LOUDNESS_TARGETS, Measurement, global_gain_db
 
     report = result.loudness

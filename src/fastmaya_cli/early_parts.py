@@ -58,8 +58,9 @@ class EarlyPart:
     path: Path | None  # its bare stream; None where it was not encoded early (or its encoder failed)
     gain_db: float
     left: str = ""  # why it was not encoded early: one of the LEFT_ reasons below
-    # What the book so far asked for when the part was cut: the loudness's gain and the peak's limit
-    # (``estimate_gain``), to tell in a report which of them moved the gain.
+    # What the book so far asked for when the part got its gain (when it was cut, or at the end of the
+    # settling time): the loudness's gain and the peak's limit (``estimate_gain``), to tell in a report
+    # which of them moved the gain.
     loudness_gain_db: float = math.nan
     peak_limit_db: float = math.nan
 
