@@ -237,29 +237,23 @@ class EarlyParts:
     def _settle(self, blocks: list[np.ndarray]) -> None:
         """Keep a part cut before the settling time until the book reaches it (see ``_release_settled``)."""
         index = self._reserve()
-        with self._lock:
-            full = self._waiting >= self._max_waiting
-            if not full:
-                self._waiting += 1
-        if full:  # a settling time longer than may wait: the finish encodes the part
-            self._left[index] = LEFT_BUSY
-        else:
+        if self._take_place(index):
             self._settling.append((index, blocks))
 
     def _release_settled(self) -> None:
         """Encode the parts that waited for the settling time, at the one gain the book asks for now."""
-        loudness_db, peak_limit_db = self._estimate_gain()
+        estimate = self._estimate_gain()
         settling, self._settling = self._settling, []
         for index, blocks in settling:
-            self._estimates[index] = (math.nan if loudness_db is None else loudness_db, peak_limit_db)
-            if loudness_db is None or not math.isfinite(loudness_db):
-                with self._lock:
-                    self._waiting -= 1
-                self._left[index] = LEFT_NO_ESTIMATE
-                continue
-            self._gain = speculative_gain(loudness_db, peak_limit_db, self._gain)
-            self._gains[index] = self._gain
-            self._futures[index] = self._pool.submit(self._run, index, blocks, self._gain)
+            self._encode_at(index, blocks, estimate)
+
+    def _submit(self, blocks: list[np.ndarray]) -> None:
+        index = self._reserve()
+        estimate = self._estimate_gain()
+        if self._take_place(index):
+            self._encode_at(index, blocks, estimate)
+        else:
+            self._estimates[index] = _recorded(estimate)
 
     def _reserve(self) -> int:
         """A place for the next part: not encoded early until it is submitted."""
@@ -268,20 +262,30 @@ class EarlyParts:
         self._estimates.append((math.nan, math.inf))
         return len(self._futures) - 1
 
-    def _submit(self, blocks: list[np.ndarray]) -> None:
-        index = self._reserve()
-        loudness_db, peak_limit_db = self._estimate_gain()
-        self._estimates[index] = (math.nan if loudness_db is None else loudness_db, peak_limit_db)
+    def _take_place(self, index: int) -> bool:
+        """Count part ``index`` as waiting for an encoder; where ``max_waiting`` already wait, leave it
+        to the finish."""
         with self._lock:
             full = self._waiting >= self._max_waiting
-        if loudness_db is None or not math.isfinite(loudness_db) or full:
-            self._left[index] = LEFT_BUSY if full else LEFT_NO_ESTIMATE  # the finish encodes it
+            if not full:
+                self._waiting += 1
+        if full:
+            self._left[index] = LEFT_BUSY
+        return not full
+
+    def _encode_at(self, index: int, blocks: list[np.ndarray], estimate: tuple[float | None, float]) -> None:
+        """Encode waiting part ``index`` at the gain ``estimate`` asks for; without a loudness yet, leave
+        it to the finish."""
+        loudness_db, peak_limit_db = estimate
+        self._estimates[index] = _recorded(estimate)
+        if loudness_db is None or not math.isfinite(loudness_db):
+            with self._lock:
+                self._waiting -= 1
+            self._left[index] = LEFT_NO_ESTIMATE
             return
         self._gain = speculative_gain(loudness_db, peak_limit_db, self._gain)
-        with self._lock:
-            self._waiting += 1
-        self._futures[index] = self._pool.submit(self._run, index, blocks, self._gain)
         self._gains[index] = self._gain
+        self._futures[index] = self._pool.submit(self._run, index, blocks, self._gain)
 
     def _run(self, index: int, blocks: list[np.ndarray], gain_db: float) -> Path:
         with self._lock:
@@ -302,3 +306,9 @@ class EarlyParts:
                 fed, total = self._progress[index]
                 self._progress[index] = (fed + len(block), total)
             yield block
+
+
+def _recorded(estimate: tuple[float | None, float]) -> tuple[float, float]:
+    """An estimate as an ``EarlyPart`` keeps it: no loudness yet is nan."""
+    loudness_db, peak_limit_db = estimate
+    return (math.nan if loudness_db is None else loudness_db, peak_limit_db)
