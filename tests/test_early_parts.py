@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -265,13 +266,23 @@ def test_the_meter_reports_the_loudness_so_far() -> None:
 
 
 def render(
-    path: Path, segments: list[Segment], loudness: str, parts_seconds: float | None, settle: float = 0.0
+    path: Path,
+    segments: list[Segment],
+    loudness: str,
+    parts_seconds: float | None,
+    settle: float = 0.0,
+    expected: float | None = None,
 ) -> object:
     info = BookInfo("Long Book", "Ann Author", None, None, None)
     # A high bitrate keeps coding noise well below the level steps the tests look for.
     spec = OutputSpec(path, path.suffix[1:], sample_rate=SR, loudness=loudness, info=info, bitrate="192k")
     with Assembler(
-        spec, Pauses(), encode_workers=3, early_part_seconds=parts_seconds, early_settle_seconds=settle
+        spec,
+        Pauses(),
+        encode_workers=3,
+        early_part_seconds=parts_seconds,
+        early_settle_seconds=settle,
+        expected_seconds=expected,
     ) as assembler:
         for segment in segments:
             assembler.add(segment)
@@ -295,6 +306,33 @@ def patient(monkeypatch: pytest.MonkeyPatch) -> list[EarlyParts]:
 
     monkeypatch.setattr(assemble, "EarlyParts", Recorded)
     return made
+
+
+@pytest.fixture
+def joined_early(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """How many parts each render had joined into its output file before its finish (None: none was
+    joined while it rendered)."""
+    counts: list[int | None] = []
+    real_finish = Assembler.finish
+
+    def finish(self: Assembler) -> object:
+        streamed = self._streamed
+        if streamed is not None and self._early is not None:
+            self._early._pool.shutdown(wait=True)  # the parts under way are joined as they end
+        counts.append(streamed.joiner.parts if streamed is not None else None)
+        return real_finish(self)
+
+    monkeypatch.setattr(Assembler, "finish", finish)
+    return counts
+
+
+def top_boxes(path: Path) -> list[bytes]:
+    data, kinds, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        size, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        kinds.append(kind)
+        offset += size if size != 1 else struct.unpack(">Q", data[offset + 8 : offset + 16])[0]
+    return kinds
 
 
 def chunk_levels(book: np.ndarray, decoded: np.ndarray, placements: list) -> list[float]:
@@ -338,13 +376,35 @@ def test_early_parts_are_the_bytes_the_finish_would_write(tmp_path: Path, patien
 
 
 @needs_ffmpeg
-@pytest.mark.parametrize("fmt", ["m4b", "mp3"])
+def test_early_parts_are_joined_into_the_file_while_the_book_renders(
+    tmp_path: Path, patient: list[EarlyParts], joined_early: list[int | None]
+) -> None:
+    """With the book's length known about, the early parts go into the output's file as they are
+    encoded; the finish adds the rest and the index, in the room kept before the audio. The book is
+    the one joined after the last chunk, sample for sample."""
+    segments = book_segments(40.0)
+    streamed = render(tmp_path / "streamed.m4b", segments, "acx", 8.0, expected=40.0)
+    after = render(tmp_path / "after.m4b", segments, "acx", 8.0)
+    assert joined_early[1] is None and joined_early[0] is not None and joined_early[0] >= 2
+    assert streamed.early_parts == after.early_parts and streamed.early_parts["kept"] >= 3  # type: ignore[attr-defined]
+    assert streamed.loudness.gain_db == after.loudness.gain_db  # type: ignore[attr-defined]
+    assert top_boxes(tmp_path / "streamed.m4b") == [b"ftyp", b"moov", b"free", b"mdat"]
+    assert np.array_equal(decode(tmp_path / "streamed.m4b"), decode(tmp_path / "after.m4b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["after.m4b", "streamed.m4b"]
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize(("fmt", "expected"), [("m4b", None), ("mp3", None), ("m4b", 48.0)])
 def test_a_book_that_grows_louder_still_has_one_gain(
-    tmp_path: Path, patient: list[EarlyParts], fmt: str
+    tmp_path: Path,
+    patient: list[EarlyParts],
+    joined_early: list[int | None],
+    fmt: str,
+    expected: float | None,
 ) -> None:
     """The second half is 8 dB louder: the parts encoded early at the first half's gain are encoded
     again, and every chunk of the file sits at the book's one gain, as in the file encoded after the
-    last chunk."""
+    last chunk. Where they were joined into the file already (``expected``), they are taken out again."""
     segments = book_segments(48.0)
     half = len(segments) // 2
     segments = [
@@ -362,7 +422,7 @@ def test_a_book_that_grows_louder_still_has_one_gain(
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Assembler, "add", add)
-        result = render(tmp_path / f"book.{fmt}", segments, "acx", 6.0)
+        result = render(tmp_path / f"book.{fmt}", segments, "acx", 6.0, expected=expected)
     parts = patient[0].finish()  # already finished: the parts and their gains, again
     gains = {p.gain_db for p in parts if p.path is not None}
     assert len(gains) >= 2  # the loudness so far moved: early parts were encoded at several gains
@@ -379,6 +439,9 @@ def test_a_book_that_grows_louder_still_has_one_gain(
     gain = result.loudness.gain_db  # type: ignore[attr-defined]
     exact = reference.loudness.gain_db  # type: ignore[attr-defined]
     assert gain in gains and abs(gain - exact) <= GAIN_TOLERANCE_DB
+    if expected is not None:  # parts at the stale gain were joined before the finish, and dropped
+        kept_first = next(i for i, p in enumerate(cut) if p.path is None or p.gain_db != gain)
+        assert joined_early[-1] is not None and joined_early[-1] > kept_first
     book = decode(tmp_path / "book.wav")
     levels = chunk_levels(book, decode(tmp_path / f"book.{fmt}"), placements)
     expected = chunk_levels(book, decode(tmp_path / f"reference.{fmt}"), placements)
@@ -387,16 +450,31 @@ def test_a_book_that_grows_louder_still_has_one_gain(
 
 
 @needs_ffmpeg
-def test_an_interrupted_render_leaves_no_early_part(tmp_path: Path, patient: list[EarlyParts]) -> None:
+@pytest.mark.parametrize("expected", [None, 30.0])
+def test_an_interrupted_render_leaves_no_early_part(
+    tmp_path: Path, patient: list[EarlyParts], expected: float | None
+) -> None:
     spec = OutputSpec(tmp_path / "book.m4b", "m4b", sample_rate=SR, loudness="acx")
     with (
         pytest.raises(KeyboardInterrupt),
-        Assembler(spec, Pauses(), encode_workers=3, early_part_seconds=5.0) as a,
+        Assembler(
+            spec,
+            Pauses(),
+            encode_workers=3,
+            early_part_seconds=5.0,
+            early_settle_seconds=0.0,
+            expected_seconds=expected,
+        ) as a,
     ):
         for segment in book_segments(30.0):
             a.add(segment)
             time.sleep(0.02)
         assert patient[0].cuts  # parts were under way
+        if expected is not None:  # and joined into the output's file
+            deadline = time.monotonic() + 20
+            while a._streamed is not None and a._streamed.joiner.parts == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
 
@@ -475,8 +553,13 @@ def test_the_early_encoders_are_one_per_two_cpus_unless_given(
 
 
 @needs_ffmpeg
+@pytest.mark.parametrize("expected", [None, 40.0])
 def test_what_was_not_kept_is_shared_among_every_encoder(
-    tmp_path: Path, patient: list[EarlyParts], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    patient: list[EarlyParts],
+    joined_early: list[int | None],
+    monkeypatch: pytest.MonkeyPatch,
+    expected: float | None,
 ) -> None:
     """Only the first early part is kept: the rest of the book is cut anew for the finish's encoders,
     not left in the early parts' long pieces, and the book still lines up with the one-piece encode."""
@@ -495,7 +578,9 @@ def test_what_was_not_kept_is_shared_among_every_encoder(
     monkeypatch.setattr(EarlyParts, "finish", first_only)
     monkeypatch.setattr(Assembler, "_split_plan", plan)
     segments = book_segments(40.0)
-    result = render(tmp_path / "book.m4b", segments, "off", 8.0)
+    result = render(tmp_path / "book.m4b", segments, "off", 8.0, expected=expected)
+    if expected is not None:  # every part was joined into the file early; all but the first taken out
+        assert joined_early[0] is not None and joined_early[0] >= 3
     early_cuts = patient[0].cuts
     assert len(early_cuts) >= 3 and result.early_parts == {  # type: ignore[attr-defined]
         "kept": 1,
@@ -507,3 +592,38 @@ def test_what_was_not_kept_is_shared_among_every_encoder(
     reference = render(tmp_path / "whole.m4b", segments, "off", None)
     assert reference.early_parts == {}  # type: ignore[attr-defined]
     assert decode(tmp_path / "book.m4b").shape == decode(tmp_path / "whole.m4b").shape
+    if expected is not None:  # the same book as the one cut the same way and joined after it
+        render(tmp_path / "after.m4b", segments, "off", 8.0)
+        assert planned[-1][1] == cuts
+        assert np.array_equal(decode(tmp_path / "book.m4b"), decode(tmp_path / "after.m4b"))
+
+
+def test_parts_are_joined_in_book_order_and_not_past_a_failed_join(tmp_path: Path) -> None:
+    """Encoders end their parts in any order; the file takes them in book order, each once every part
+    before it is in. After a failed join nothing more goes in: the finish joins the rest."""
+
+    class Joiner:
+        def __init__(self, fail_at: str | None = None) -> None:
+            self.added: list[str] = []
+            self.fail_at = fail_at
+
+        @property
+        def parts(self) -> int:
+            return len(self.added)
+
+        def add(self, part: Path) -> None:
+            if part.name == self.fail_at:
+                raise OSError("disk full")
+            self.added.append(part.name)
+
+    output = assemble._Output(None, tmp_path / "book.m4b", 0, 0, {})
+    joiner = Joiner()
+    streamed = assemble._StreamedJoin(output, joiner)  # type: ignore[arg-type]
+    for index in (2, 0, 3, 1, 5):
+        streamed.encoded(index, tmp_path / f"p{index}")
+    assert joiner.added == ["p0", "p1", "p2", "p3"]
+    failing = Joiner(fail_at="p1")
+    streamed = assemble._StreamedJoin(output, failing)  # type: ignore[arg-type]
+    for index in (0, 2, 1, 3):
+        streamed.encoded(index, tmp_path / f"p{index}")
+    assert failing.added == ["p0"]

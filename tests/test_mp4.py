@@ -78,12 +78,34 @@ def cover_jpeg(folder: Path) -> bytes:
     return path.read_bytes()
 
 
-def join(path: Path, parts: list[Path], samples: int, cover: bytes | None = None) -> Path:
-    joiner = M4bJoin(path, samples, TAGS, CHAPTERS, cover, "jpeg" if cover else None)
+def frames_of(parts: list[Path]) -> int:
+    return sum(len(adts_frames(part.read_bytes())[1]) for part in parts)
+
+
+def join(
+    path: Path, parts: list[Path], samples: int, cover: bytes | None = None, room: int | None = None
+) -> Path:
+    kind = "jpeg" if cover else None
+    if room is None:  # these parts hold more frames than the book's samples need (each has its priming)
+        room = mp4.index_room(frames_of(parts) * mp4.ADTS_SAMPLES, TAGS, CHAPTERS, cover, kind)
+    joiner = M4bJoin(path, TAGS, cover, kind, room)
     for part in parts:
         joiner.add(part.read_bytes())
-    joiner.close()
+    joiner.close(samples, CHAPTERS)
     return path
+
+
+def boxes(data: bytes) -> list[bytes]:
+    """The kinds of the file's top-level boxes, checking that they span it exactly."""
+    kinds, offset = [], 0
+    while offset < len(data):
+        size, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        if size == 1:
+            size = struct.unpack(">Q", data[offset + 8 : offset + 16])[0]
+        kinds.append(kind)
+        offset += size
+    assert offset == len(data)
+    return kinds
 
 
 def ffmpeg_join(folder: Path, parts: list[Path], cover: Path) -> Path:
@@ -138,13 +160,62 @@ def test_the_same_book_as_ffmpegs_remux(parts: tuple[Path, list[Path], int]) -> 
 def test_the_index_comes_first(parts: tuple[Path, list[Path], int], tmp_path: Path) -> None:
     _, paths, samples = parts
     data = join(tmp_path / "book.m4b", paths, samples).read_bytes()
-    kinds, offset = [], 0
-    while offset < len(data):
-        size, kind = struct.unpack(">I4s", data[offset : offset + 8])
-        kinds.append(kind)
-        offset += size
-    assert kinds == [b"ftyp", b"moov", b"mdat"] and offset == len(data)
-    assert list(tmp_path.iterdir()) == [tmp_path / "book.m4b"]  # the headerless audio's temp file is gone
+    assert boxes(data) in ([b"ftyp", b"moov", b"mdat"], [b"ftyp", b"moov", b"free", b"mdat"])
+    assert list(tmp_path.iterdir()) == [tmp_path / "book.m4b"]  # no temp file beside it
+    # The room index_room keeps is what the index and the mdat header take, but for the wider forms:
+    # a 16-byte mdat header, two frames more, and 64-bit offsets for each chunk of audio and chapter.
+    frames = frames_of(paths)
+    room = mp4.index_room(frames * mp4.ADTS_SAMPLES, TAGS, CHAPTERS)
+    index = struct.unpack(">I", data[28:32])[0]
+    chunks = -(-frames // mp4.SAMPLES_PER_CHUNK)
+    assert room - (index + 8 + 8) == 8 + 2 * 4 + 4 * (chunks + len(CHAPTERS))
+
+
+@pytest.mark.parametrize("room", [0, 200, 10_000_000])
+def test_the_same_book_whatever_room_is_kept_for_the_index(
+    parts: tuple[Path, list[Path], int], tmp_path: Path, room: int
+) -> None:
+    """Too little room puts the index after the audio (its room a free box), too much leaves a free
+    box after it: the book decodes the same either way."""
+    _, paths, samples = parts
+    reference = decode(join(tmp_path / "exact.m4b", paths, samples))
+    path = join(tmp_path / f"room{room}.m4b", paths, samples, room=room)
+    kinds = boxes(path.read_bytes())
+    if room < 10_000:
+        assert kinds == [b"ftyp", b"free", b"mdat", b"moov"]
+    else:
+        assert kinds == [b"ftyp", b"moov", b"free", b"mdat"]
+    info = probe(path)
+    assert [c["tags"]["title"] for c in info["chapters"]] == [title for _, title in CHAPTERS]
+    assert float(info["format"]["duration"]) == pytest.approx(samples / SR, abs=1e-6)
+    assert np.array_equal(decode(path), reference)
+
+
+def test_parts_taken_back_leave_no_trace(parts: tuple[Path, list[Path], int], tmp_path: Path) -> None:
+    """``truncate`` drops the last parts, as when early parts turn out to be at another gain than the
+    book's: the file is then byte for byte the one joined without them."""
+    _, paths, samples = parts
+    first, second = (path.read_bytes() for path in paths)
+    room = mp4.index_room(frames_of(paths) * mp4.ADTS_SAMPLES, TAGS, CHAPTERS)
+    straight = M4bJoin(tmp_path / "straight.m4b", TAGS, None, None, room)
+    straight.add(first)
+    straight.add(second)
+    straight.close(samples, CHAPTERS)
+    again = M4bJoin(tmp_path / "again.m4b", TAGS, None, None, room)
+    again.add(first)
+    again.add(second)
+    again.add(first)
+    assert again.parts == 3
+    again.truncate(1)
+    assert again.parts == 1
+    again.add(second)
+    again.close(samples, CHAPTERS)
+    assert (tmp_path / "again.m4b").read_bytes() == (tmp_path / "straight.m4b").read_bytes()
+    nothing = M4bJoin(tmp_path / "none.m4b", TAGS)
+    nothing.add(first)
+    nothing.truncate(0)
+    with pytest.raises(AdtsError, match="no parts"):
+        nothing.close(samples, CHAPTERS)
 
 
 def test_offsets_past_4_gib_use_co64() -> None:
@@ -179,9 +250,9 @@ def test_a_book_without_chapters_has_no_chapter_track(
     parts: tuple[Path, list[Path], int], tmp_path: Path
 ) -> None:
     _, paths, samples = parts
-    joiner = M4bJoin(tmp_path / "book.m4a", samples, {"title": "Short"}, [])
+    joiner = M4bJoin(tmp_path / "book.m4a", {"title": "Short"})
     joiner.add(paths[1].read_bytes())
-    joiner.close()
+    joiner.close(samples)
     info = probe(tmp_path / "book.m4a")
     assert info["chapters"] == [] and len(info["streams"]) == 1
     assert info["format"]["tags"]["title"] == "Short"
@@ -195,12 +266,10 @@ def test_a_png_cover_and_a_track_number(parts: tuple[Path, list[Path], int], tmp
     _, paths, samples = parts
     png = tmp_path / "cover.png"
     run(FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=blue:s=16x16", "-frames:v", "1", str(png))
-    joiner = M4bJoin(
-        tmp_path / "book.m4b", samples, {"title": "T", "track": "3/12"}, [], png.read_bytes(), "png"
-    )
+    joiner = M4bJoin(tmp_path / "book.m4b", {"title": "T", "track": "3/12"}, png.read_bytes(), "png")
     for path in paths:
         joiner.add(path.read_bytes())
-    joiner.close()
+    joiner.close(samples)
     info = probe(tmp_path / "book.m4b")
     assert info["format"]["tags"]["track"] == "3/12"
     pictures = [s for s in info["streams"] if s["disposition"].get("attached_pic")]
@@ -216,11 +285,13 @@ def test_a_book_past_24_8_hours_gets_64_bit_times(tmp_path: Path) -> None:
     frame = data[offsets[10] : offsets[11]]
     frames = 25 * 3600 * SR // mp4.ADTS_SAMPLES + 1
     samples = frames * mp4.ADTS_SAMPLES - 500
+    chapters = [(0, "All of it"), (samples - SR, "Last")]
     joiner = M4bJoin(
-        tmp_path / "long.m4b", samples, {"title": "Long"}, [(0, "All of it"), (samples - SR, "Last")]
+        tmp_path / "long.m4b", {"title": "Long"}, None, None, mp4.index_room(samples, {}, chapters)
     )
     joiner.add(frame * frames)
-    joiner.close()
+    joiner.close(samples, chapters)
+    assert boxes((tmp_path / "long.m4b").read_bytes())[:2] == [b"ftyp", b"moov"]
     info = probe(tmp_path / "long.m4b")
     assert float(info["format"]["duration"]) == pytest.approx(samples / SR, abs=1e-3)
     assert [c["tags"]["title"] for c in info["chapters"]] == ["All of it", "Last"]

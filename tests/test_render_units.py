@@ -171,6 +171,9 @@ def test_render_reports_how_long_decoding_ran_on_after_generation(
     renderer, result = _render_two_sentences(tmp_path, tiny_model, tiny_snac)
     assert result.tail_decoding_s >= 0.29
     assert result.decode_tail_s >= result.tail_decoding_s
+    # The decoder had not handed over any chunk when the engine finished: all the speech was behind.
+    assert result.behind_at_generation_end_s == pytest.approx(result.audio_s, rel=1e-3)
+    assert result.audio_s > 0
     # On the CPU each chunk is a call of its own, padded by SNAC's right context only.
     decoded = renderer.decoder.frames_decoded
     assert result.chunks == 2 and decoded > 0

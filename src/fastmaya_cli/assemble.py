@@ -91,7 +91,7 @@ from fastmaya_cli.loudness import (
     peak_gain_limit_db,
     report_for,
 )
-from fastmaya_cli.mp4 import AdtsError, M4bJoin
+from fastmaya_cli.mp4 import AdtsError, M4bJoin, index_room
 from fastmaya_cli.outputs import (
     FORMATS,
     AudioWriter,
@@ -153,6 +153,10 @@ BOUNDARIES = ("clause", "sentence", "paragraph", "heading", "chapter", "end")
 _HEADROOM = 0.25
 _READ_BLOCK = 1 << 18  # samples per read when encoding (about 5 s at 48 kHz)
 _COPY_BLOCK = 1 << 20  # bytes per read when joining encoded parts
+# The room kept for the index of an m4b joined while the book renders, over the index of the book's
+# expected length (see ``mp4.M4bJoin``): speech may run longer than expected, and chapters add to it.
+INDEX_ROOM_MARGIN = 1.5
+INDEX_ROOM_CHAPTERS = 1 << 16  # bytes: some 250 chapters with titles of 255 bytes
 PEAK_RANGE_SECONDS = 60.0  # of the book per true-peak meter: the last one finishes soon after the book
 _PEAK_METERS = 4  # at most, at once: each measures about 400 audio s/s, and the GPU's process needs a core
 # One early encoder per this many CPUs. With one per 4, 4 encoders on a 16-CPU H100 host fell behind the
@@ -338,10 +342,17 @@ class _FfmpegJoiner:
 
 
 class _Mp4Joiner:
-    """Hands each part to ``M4bJoin``; a write error becomes the usual failure (disk full included)."""
+    """Hands each part to ``M4bJoin``; a write error becomes the usual failure (disk full included).
+    ``samples`` and ``chapters`` describe the book to ``close``."""
 
     def __init__(self, join: M4bJoin, shown: Path | str) -> None:
         self._join, self._shown = join, shown
+        self.samples = 0
+        self.chapters: list[tuple[int, str]] = []
+
+    @property
+    def parts(self) -> int:
+        return self._join.parts
 
     def add(self, part: Path) -> None:
         try:
@@ -349,14 +360,44 @@ class _Mp4Joiner:
         except (OSError, AdtsError) as error:
             raise write_failure(self._shown, error) from error
 
+    def truncate(self, parts: int) -> None:
+        try:
+            self._join.truncate(parts)
+        except OSError as error:
+            raise write_failure(self._shown, error) from error
+
     def close(self) -> None:
         try:
-            self._join.close()
+            self._join.close(self.samples, self.chapters)
         except (OSError, AdtsError) as error:
             raise write_failure(self._shown, error) from error
 
     def abort(self) -> None:
         self._join.abort()
+
+
+class _StreamedJoin:
+    """Joins the early parts into the output's file while the book renders, in book order, each as
+    soon as it and every part before it are encoded; the finish joins the rest (see ``_finish``).
+    Called from the early encoders' threads."""
+
+    def __init__(self, output: _Output, joiner: _Mp4Joiner) -> None:
+        self.output, self.joiner = output, joiner
+        self._lock = threading.Lock()
+        self._encoded: dict[int, Path] = {}
+        self._next = 0
+        self._broken = False  # a join failed: the finish joins from the last whole part on
+
+    def encoded(self, index: int, path: Path) -> None:
+        with self._lock:
+            self._encoded[index] = path
+            while not self._broken and self._next in self._encoded:
+                try:
+                    self.joiner.add(self._encoded.pop(self._next))
+                except Exception:  # noqa: BLE001 - the finish joins this part again, and reports a failure then
+                    self._broken = True
+                    return
+                self._next += 1
 
 
 class Assembler:
@@ -376,6 +417,7 @@ class Assembler:
         early_encoder_count: int | None = None,
         early_settle_seconds: float = SETTLE_SECONDS,
         join_with_ffmpeg: bool = False,
+        expected_seconds: float | None = None,
     ) -> None:
         """``encode_workers``: encoders run at once when finishing (default: the CPUs this process may use).
         ``early_part_seconds``: the length of the parts of one m4b, m4a or mp3 file encoded while the book
@@ -383,7 +425,10 @@ class Assembler:
         ``early_encoder_count``: the encoders of those parts (default: ``early_encoders``).
         ``early_settle_seconds``: the book measured before those parts get a gain (see ``early_parts``).
         ``join_with_ffmpeg``: join m4b and m4a parts with ffmpeg's remux as before ``mp4`` (for the bench's
-        comparison only)."""
+        comparison only).
+        ``expected_seconds``: about how long the book will be. With it, one m4b or m4a file whose parts
+        are encoded early has them joined into it while the book renders, with room for its index before
+        the audio (see ``mp4.M4bJoin``)."""
         if spec.format not in FORMATS:
             raise ValueError(f"unknown format {spec.format!r}")
         self.spec = spec
@@ -401,7 +446,9 @@ class Assembler:
         self._early_encoder_count = early_encoder_count
         self._early_settle_seconds = early_settle_seconds
         self._join_with_ffmpeg = join_with_ffmpeg
+        self._expected_seconds = expected_seconds
         self._early: EarlyParts | None = None
+        self._streamed: _StreamedJoin | None = None
         self._sample_peak = 0.0  # of the book so far, while early parts need it
         self._finish_steps: dict[str, float] = {}
         self._lap_at = 0.0  # when the last step of finish() ended
@@ -658,6 +705,8 @@ class Assembler:
             range_samples = round(PEAK_RANGE_SECONDS * self.sample_rate)
             self._peaks = RangePeakMeters(ffmpeg, self.sample_rate, range_samples, meters)
         self._early = self._early_parts()
+        if self._early is not None:
+            self._streamed = self._streamed_join()
         self._emit_zeros(self._head)
 
     def _early_parts(self) -> EarlyParts | None:
@@ -682,6 +731,26 @@ class Assembler:
             max_waiting=max(2 * workers, math.ceil(WAITING_SECONDS / self._early_part_seconds)),
             settle_samples=round(self._early_settle_seconds * self.sample_rate),
         )
+
+    def _streamed_join(self) -> _StreamedJoin | None:
+        """The output's file, open from the start to take the early parts (see ``_StreamedJoin``), where
+        the book's length is known about and ``mp4.M4bJoin`` joins its parts."""
+        spec = self.spec
+        if self._expected_seconds is None or self._format.muxer != "ipod" or self._join_with_ffmpeg:
+            return None
+        cover = spec.info.cover
+        kind = image_kind(cover) if cover and self._format.supports_cover else None
+        image = cover if kind is not None else None  # else the finish leaves it out, with a warning
+        tags = book_tags(spec.info)
+        expected = round(INDEX_ROOM_MARGIN * self._expected_seconds * self.sample_rate)
+        room = index_room(expected, tags, (), image, kind) + INDEX_ROOM_CHAPTERS
+        temp = self._reserve(self._format.suffix)
+        output = _Output(spec.path, temp, 0, 0, tags)
+        try:
+            join = M4bJoin(temp, tags, image, kind, room)
+        except OSError as error:
+            raise write_failure(self._shown_name(), error) from error
+        return _StreamedJoin(output, _Mp4Joiner(join, self._shown_name()))
 
     def _estimated_gain(self) -> tuple[float | None, float]:
         """The gain the loudness of the book so far asks for, and the most its true peak so far allows:
@@ -711,6 +780,8 @@ class Assembler:
         path = self._reserve(f".early{index}.{codec.muxer}")
         writer = self._part_writer(codec, path, self._shown_name())
         self._encode_blocks(writer, blocks, 10 ** (gain_db / 20) / _HEADROOM)
+        if self._streamed is not None:
+            self._streamed.encoded(index, path)
         return path
 
     def _reserve(self, suffix: str, name: str | None = None) -> Path:
@@ -748,6 +819,9 @@ class Assembler:
         if self._early is not None:
             self._early.abort()
             self._early = None
+        if self._streamed is not None:
+            self._streamed.joiner.abort()
+            self._streamed = None
         self._meter = None
         if self._peaks is not None:
             self._peaks.abort()
@@ -844,19 +918,23 @@ class Assembler:
                 kept[index] = part.path
             elif part.path is not None:
                 remove_quietly(part.path)  # encoded at another gain: the finish encodes it again
+        streamed, self._streamed = self._streamed, None
+        if streamed is not None:  # keep what was joined up to the first part not kept
+            joined = streamed.joiner.parts
+            streamed.joiner.truncate(next((index for index in range(joined) if index not in kept), joined))
 
         chapters = self._chapter_marks(total)
         cover = self._cover_file(warnings)
         if self._direct_writer is not None:
             outputs = [self._close_direct(total)]
         else:
-            outputs = self._plan_outputs(chapters)
+            outputs = self._plan_outputs(chapters, streamed)
             if spec.split_chapters:
                 chapters = [
                     replace(mark, path=output.final) for mark, output in zip(chapters, outputs, strict=True)
                 ]
             kept_parts = {(early[index].start, early[index].stop): path for index, path in kept.items()}
-            self._render_all(outputs, factor, cover, kept_parts)
+            self._render_all(outputs, factor, cover, kept_parts, streamed)
         self._lap("encode")
 
         manifest_temp = subtitles_temp = None
@@ -941,12 +1019,12 @@ class Assembler:
             )
         return marks
 
-    def _plan_outputs(self, chapters: list[ChapterMark]) -> list[_Output]:
+    def _plan_outputs(self, chapters: list[ChapterMark], streamed: _StreamedJoin | None) -> list[_Output]:
         spec, suffix = self.spec, self._format.suffix
         total = chapters[-1].end_sample
         if not spec.split_chapters:
             entries = [ChapterEntry(mark.start_sample, mark.end_sample, mark.title) for mark in chapters]
-            temp = self._reserve(suffix)
+            temp = streamed.output.temp if streamed is not None else self._reserve(suffix)
             return [_Output(spec.path, temp, 0, total, book_tags(spec.info), entries)]
         assert spec.path is not None
         outputs = []
@@ -981,18 +1059,23 @@ class Assembler:
         factor: float,
         cover: Path | None,
         kept_parts: dict[tuple[int, int], Path],
+        streamed: _StreamedJoin | None = None,
     ) -> None:
         """Encode every output; ``kept_parts`` are the files of the parts encoded while the book
-        rendered at the book's gain, by the ``(start, stop)`` samples they cover."""
+        rendered at the book's gain, by the ``(start, stop)`` samples they cover, and ``streamed`` the
+        output's file where the first of them are already joined."""
         if len(outputs) == 1:
             plan = self._split_plan(outputs[0], list(kept_parts))
             if plan is None:
+                if streamed is not None:
+                    streamed.joiner.abort()  # the file is encoded anew, in one piece
                 self._render(outputs[0], factor, cover)
             else:
                 codec, cuts = plan
                 bounds = [0, *cuts]
                 encoded = {bounds.index(start): path for (start, _), path in kept_parts.items()}
-                self._render_in_parts(outputs[0], factor, cover, codec, cuts, encoded)
+                joiner = streamed.joiner if streamed is not None else None
+                self._render_in_parts(outputs[0], factor, cover, codec, cuts, encoded, joiner)
             return
         # Encoders run on one core each; with one file per chapter, encode several chapters at once.
         self._run_all([partial(self._render, output, factor, cover) for output in outputs])
@@ -1119,9 +1202,10 @@ class Assembler:
         codec: StreamCodec,
         cuts: list[int],
         encoded: dict[int, Path],
+        joiner: _Mp4Joiner | None = None,
     ) -> None:
         """Encode the parts between the cuts at once, but for those already ``encoded`` (by index), then
-        join them into the output's container."""
+        join them into the output's container (``joiner``'s, which holds the first parts already)."""
         shown = output.final if output.final is not None else "stdout"
         sources = part_sources(cuts, output.end_sample, codec)
         parts = [
@@ -1143,7 +1227,7 @@ class Assembler:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastmaya-encode") as pool:
             encoding = {index: pool.submit(encode, index) for index in missing}
             try:
-                self._join_parts(output, cover, codec, parts, encoding, shown)
+                self._join_parts(output, cover, codec, parts, encoding, shown, joiner)
             except BaseException:
                 self._cancel.set()  # the encoders stop at their next block
                 raise
@@ -1156,12 +1240,18 @@ class Assembler:
         parts: list[Path],
         encoding: dict[int, Future[float]],
         shown: Path | str,
+        joined: _Mp4Joiner | None = None,
     ) -> None:
-        """Join the parts into the output's container, each as soon as its encoder (if any) is done. The
-        finish's steps: ``encode`` until the last encoder is done, ``join`` the time after it."""
-        joiner = self._joiner(output, cover, codec, shown)
+        """Join the parts into the output's container (``joined``'s, which holds the first parts
+        already), each as soon as its encoder (if any) is done. The finish's steps: ``encode`` until the
+        last encoder is done, ``join`` the time after it."""
+        joiner = self._joiner(output, cover, codec, shown, joined)
+        first = joined.parts if joined is not None else 0
         try:
             for index, part in enumerate(parts):
+                if index < first:
+                    remove_quietly(part)
+                    continue
                 if index in encoding:
                     encoding[index].result()
                 if self._cancel.is_set():
@@ -1177,14 +1267,30 @@ class Assembler:
         self._lap("encode", at=encoded_at)
         self._lap("join")
 
-    def _joiner(self, output: _Output, cover: Path | None, codec: StreamCodec, shown: Path | str) -> _Joiner:
-        """m4b and m4a parts are joined by ``mp4.M4bJoin``; mp3 parts by ffmpeg, copied, not encoded again."""
+    def _joiner(
+        self,
+        output: _Output,
+        cover: Path | None,
+        codec: StreamCodec,
+        shown: Path | str,
+        joined: _Mp4Joiner | None = None,
+    ) -> _Joiner:
+        """m4b and m4a parts are joined by ``mp4.M4bJoin`` (``joined``'s where the first parts are
+        already in it); mp3 parts by ffmpeg, copied, not encoded again."""
         if self._format.muxer == "ipod" and codec.muxer == "adts" and not self._join_with_ffmpeg:
-            image = cover.read_bytes() if cover is not None else None
             chapters = [(chapter.start_sample, chapter.title) for chapter in output.chapters]
             samples = output.end_sample - output.start_sample
-            kind = image_kind(image) if image is not None else None
-            return _Mp4Joiner(M4bJoin(output.temp, samples, output.tags, chapters, image, kind), shown)
+            if joined is None:
+                image = cover.read_bytes() if cover is not None else None
+                kind = image_kind(image) if image is not None else None
+                room = index_room(samples, output.tags, chapters, image, kind)
+                try:
+                    join = M4bJoin(output.temp, output.tags, image, kind, room)
+                except OSError as error:
+                    raise write_failure(shown, error) from error
+                joined = _Mp4Joiner(join, shown)
+            joined.samples, joined.chapters = samples, chapters
+            return joined
         ffmpeg = require_ffmpeg(f"it is needed to write {self._format.name} files")
         metadata = self._metadata_file(output, shown)
         return _FfmpegJoiner(

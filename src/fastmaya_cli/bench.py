@@ -223,6 +223,7 @@ def _run_render(  # noqa: ANN001
             "generate_s": round(result.generate_s, 2),
             "decode_tail_s": round(result.decode_tail_s, 2),
             "tail_decoding_s": round(result.tail_decoding_s, 2),
+            "behind_at_generation_end_s": round(result.behind_at_generation_end_s, 1),
             "finish_s": round(result.finish_s, 2),
             "encoded_early_s": round(result.encoded_early_s, 1),
             "finish_steps_s": result.finish_steps,

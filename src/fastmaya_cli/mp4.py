@@ -3,7 +3,8 @@
 Why not ffmpeg's remux, as for mp3: it costs ffmpeg's command line a fixed time per packet, 6 to 8 µs in
 the n9.0.2 build (even into its null muxer), and an AAC book has 47 packets a second: 14 s for a 13 h
 book, all of it after the last chunk, in one thread. Here the join strips each ADTS frame's header as
-its part arrives and writes the sample tables at the end with numpy: a fraction of a second.
+its part arrives, writes its audio into the file at once, and writes the sample tables at the end with
+numpy: a fraction of a second.
 
 The file has the boxes ffmpeg's ``ipod`` muxer writes for such a book (its tests compare the two):
 
@@ -13,14 +14,13 @@ The file has the boxes ffmpeg's ``ipod`` muxer writes for such a book (its tests
 * the chapters twice, as players read one or the other: a QuickTime text track that the audio track
   names in ``tref/chap`` (Apple's players) and a Nero ``chpl`` box (most others, and ffmpeg);
 * iTunes tags in ``udta/meta/ilst``, the cover in ``covr``;
-* the index (``moov``) before the audio (``mdat``), as with ``-movflags +faststart``.
+* the index (``moov``) before the audio (``mdat``), as with ``-movflags +faststart``, where the room
+  kept for it suffices (see ``M4bJoin``), with a ``free`` box for the rest of the room.
 """
 
 from __future__ import annotations
 
-import shutil
 import struct
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +173,39 @@ def _handler(kind: bytes, name: bytes, maker: bytes = bytes(4)) -> bytes:
 
 
 _DATA_INFORMATION = _box(b"dinf", _full_box(b"dref", 0, 0, struct.pack(">I", 1), _full_box(b"url ", 0, 1)))
+_FILE_TYPE = _box(b"ftyp", b"M4A ", struct.pack(">I", 0x200), b"M4A isomiso2")
+_MIN_ROOM = 24  # the mdat header (16 bytes past 4 GiB) and a free box of at least 8 before it
+
+
+def _free(size: int) -> bytes:
+    """A ``free`` box of ``size`` bytes (at least 8)."""
+    return struct.pack(">I4s", size, b"free") + bytes(size - 8)
+
+
+def _mdat_header(body: int) -> bytes:
+    """The header of an ``mdat`` box around ``body`` bytes: 64-bit sizes past 4 GiB."""
+    if body + 8 > 0xFFFFFFFF:
+        return struct.pack(">I4sQ", 1, b"mdat", body + 16)
+    return struct.pack(">I4s", body + 8, b"mdat")
+
+
+def index_room(
+    samples: int,
+    tags: Mapping[str, str],
+    chapters: Sequence[tuple[int, str]] = (),
+    cover: bytes | None = None,
+    cover_kind: str | None = None,
+) -> int:
+    """The bytes ``M4bJoin`` needs before the audio for the index of a book of ``samples`` samples at
+    48 kHz or less (AAC frames of 1024 samples, plus the priming frame), and its mdat header."""
+    frames = -(-samples // ADTS_SAMPLES) + 2
+    probe = M4bJoin.__new__(M4bJoin)
+    probe._tags, probe._cover, probe._cover_kind = tags, cover, cover_kind
+    probe._config, probe._samples, probe._chapters = AudioConfig(2, 3, 1), samples, chapters
+    titles = probe._chapter_samples()
+    far = 1 << 33  # offsets past 4 GiB: the larger tables, so the room is never short by their width
+    moov = probe._movie(np.zeros(frames, dtype=np.int64), titles, far, far)
+    return len(moov) + 16 + 8
 
 
 def _tag(atom: bytes, kind: int, value: bytes) -> bytes:
@@ -208,86 +241,113 @@ def nero_chapters(starts_s: Sequence[float], titles: Sequence[str]) -> bytes:
 
 
 class M4bJoin:
-    """Joins bare ADTS parts, given in order to ``add``, into ``path`` on ``close``. ``samples`` is the
-    book's length, ``chapters`` its (start sample, title) marks."""
+    """Joins bare ADTS parts, given in order to ``add``, into ``path``.
+
+    Each part's audio goes into the file as it is added, behind ``index_room`` bytes kept for the index,
+    so that ``close`` writes only the index: where it fits in that room it goes there, before the
+    audio (the room's rest becomes a ``free`` box); else it goes after the audio, which players read
+    as well. Nothing of the audio is copied twice, so a book's parts can be added while it renders and
+    its last moments cost what its last parts cost. ``truncate`` drops the last parts added again.
+    """
 
     def __init__(
         self,
         path: Path,
-        samples: int,
         tags: Mapping[str, str],
-        chapters: Sequence[tuple[int, str]],
         cover: bytes | None = None,
         cover_kind: str | None = None,
+        index_room: int = 0,
     ) -> None:
-        self._path, self._samples, self._tags = path, samples, tags
-        self._chapters, self._cover, self._cover_kind = chapters, cover, cover_kind
+        self._path, self._tags = path, tags
+        self._cover, self._cover_kind = cover, cover_kind
         self._config: AudioConfig | None = None
+        self._chapters: Sequence[tuple[int, str]] = ()
         self._sizes: list[np.ndarray] = []
-        # The audio without its ADTS headers, until the index before it is known.
-        self._payload: IO[bytes] = tempfile.TemporaryFile(dir=path.parent)  # noqa: SIM115
+        self._room = max(index_room, _MIN_ROOM)
+        self._audio_start = len(_FILE_TYPE) + self._room
+        self._ends = [self._audio_start]  # where each part's audio ends in the file, after the first
+        self._out: IO[bytes] = path.open("w+b")
+        try:
+            self._out.write(_FILE_TYPE + _free(self._room))
+        except BaseException:
+            self._out.close()
+            raise
+
+    @property
+    def parts(self) -> int:
+        """The parts added so far."""
+        return len(self._sizes)
 
     def add(self, data: bytes) -> None:
         """Append one part: a whole bare ADTS stream."""
         config, offsets, headers = adts_frames(data)
         if self._config is not None and config != self._config:
             raise AdtsError("a part's AAC configuration differs from the first part's")
-        self._config = config
         ends = np.append(offsets[1:], len(data))
         view = memoryview(data)
         payload = (view[a:b] for a, b in zip((offsets + headers).tolist(), ends.tolist(), strict=True))
-        self._payload.write(b"".join(payload))
+        self._out.write(b"".join(payload))
+        # Counted only once written whole: a failed write is cut off again by the next truncate.
+        self._config = config
         self._sizes.append(ends - offsets - headers)
+        self._ends.append(self._out.tell())
 
-    def close(self) -> None:
-        """Write the file: the index, then the chapter titles and the audio."""
+    def truncate(self, parts: int) -> None:
+        """Keep only the first ``parts`` parts."""
+        del self._sizes[parts:], self._ends[parts + 1 :]
+        if not self._sizes:
+            self._config = None
+        self._out.seek(self._ends[-1])
+        self._out.truncate()
+
+    def close(self, samples: int, chapters: Sequence[tuple[int, str]] = ()) -> None:
+        """Finish the file of a book of ``samples`` samples with chapters at ``(start sample, title)``:
+        the chapter titles after the audio, then the index."""
         if self._config is None:
+            self.abort()
             raise AdtsError("no parts to join")
         try:
+            self._samples, self._chapters = samples, chapters
+            self._out.seek(self._ends[-1])
+            self._out.truncate()
+            titles = self._chapter_samples()
+            self._out.write(b"".join(titles))
+            mdat_end = self._out.tell()
             sizes = np.concatenate(self._sizes)
-            chapter_samples = self._chapter_samples()
-            audio_bytes = int(sizes.sum())
-            mdat_body = sum(len(sample) for sample in chapter_samples) + audio_bytes
-            large = mdat_body + 8 > 0xFFFFFFFF
-            mdat_header = (
-                struct.pack(">I4sQ", 1, b"mdat", mdat_body + 16)
-                if large
-                else struct.pack(">I4s", mdat_body + 8, b"mdat")
-            )
-            head = self._file_type()
-            # The index holds the offsets of what follows it, so its own size is needed first: it
-            # changes only where the offsets cross 4 GiB (stco becomes co64), so this settles at once.
-            moov, placed = b"", self._movie(sizes, chapter_samples, 0)
-            while len(placed) != len(moov):
-                moov = placed
-                placed = self._movie(sizes, chapter_samples, len(head) + len(moov) + len(mdat_header))
-            moov = placed
-            with self._path.open("wb") as out:
-                out.write(head + moov + mdat_header + b"".join(chapter_samples))
-                self._payload.seek(0)
-                shutil.copyfileobj(self._payload, out, 1 << 22)
+            header = _mdat_header(mdat_end - self._audio_start)
+            titles_start = self._ends[-1]
+            moov = self._movie(sizes, titles, self._audio_start, titles_start)
+            filler = self._room - len(header) - len(moov)
+            if filler == 0 or filler >= 8:  # the index fits before the audio
+                self._out.seek(len(_FILE_TYPE))
+                self._out.write(moov + (_free(filler) if filler else b"") + header)
+            else:  # the index goes after the audio; the room stays free
+                self._out.seek(len(_FILE_TYPE))
+                self._out.write(_free(self._room - len(header))[:8])
+                self._out.seek(self._audio_start - len(header))
+                self._out.write(header)
+                self._out.seek(mdat_end)
+                self._out.write(moov)
         finally:
-            self._payload.close()
+            self._out.close()
 
     def abort(self) -> None:
-        self._payload.close()
-
-    def _file_type(self) -> bytes:
-        return _box(b"ftyp", b"M4A ", struct.pack(">I", 0x200), b"M4A isomiso2")
+        self._out.close()
 
     def _chapter_samples(self) -> list[bytes]:
         titles = [_cut_utf8(title, 1024) for _, title in self._chapters]
         return [struct.pack(">H", len(title)) + title + _ENCD for title in titles]
 
-    def _movie(self, sizes: np.ndarray, chapter_samples: list[bytes], data_start: int) -> bytes:
+    def _movie(
+        self, sizes: np.ndarray, chapter_samples: list[bytes], audio_start: int, titles_start: int
+    ) -> bytes:
         assert self._config is not None
         rate, frames = self._config.sample_rate, len(sizes)
         duration = min(self._samples, frames * ADTS_SAMPLES)
-        chapter_bytes = sum(len(sample) for sample in chapter_samples)
         has_chapters = bool(chapter_samples)
-        tracks = [self._audio_track(sizes, data_start + chapter_bytes, duration, has_chapters)]
+        tracks = [self._audio_track(sizes, audio_start, duration, has_chapters)]
         if has_chapters:
-            tracks.append(self._chapter_track(chapter_samples, data_start, duration))
+            tracks.append(self._chapter_track(chapter_samples, titles_start, duration))
         header = _times(rate, duration) + struct.pack(">IH", 0x10000, 0x100) + bytes(10)
         header += _UNITY_MATRIX + bytes(24) + struct.pack(">I", len(tracks) + 1)
         starts = [start / rate for start, _ in self._chapters]

@@ -13,7 +13,6 @@ import bisect
 import contextlib
 import dataclasses
 import json
-import os
 import queue
 import threading
 import time
@@ -27,7 +26,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import maya1
-from .assemble import Assembler, BookInfo, OutputSpec, Pauses, Segment, check_output, output_lock
+from .assemble import (
+    Assembler,
+    BookInfo,
+    OutputSpec,
+    Pauses,
+    Segment,
+    check_output,
+    expected_length,
+    output_lock,
+)
 from .cache import CachedChunk, ChunkCache, atomic_write, fingerprint, model_fingerprint
 from .codec import DEFAULT_CODEC, SnacDecoder, plan_calls
 from .early_parts import EarlyPart
@@ -37,6 +45,7 @@ from .engines.feed import RequestFeed
 from .errors import RuntimeFailure
 from .loudness import LoudnessReport
 from .progress import Progress
+from .split_encode import available_cpus
 from .text import Book, Chunk, expected_seconds, iter_chunks, read_book, sentence_splitter, spoken_text
 
 if TYPE_CHECKING:
@@ -122,6 +131,8 @@ class RenderResult:
     snac_padding: float = 0.0  # frames SNAC computed over the frames it decoded (1: no padding)
     loudness: LoudnessReport | None = None  # AssemblyResult.loudness
     early: tuple[EarlyPart, ...] = ()  # AssemblyResult.early
+    # Speech (s) not yet in the assembler when the engine finished: what decode_tail_s still had to do.
+    behind_at_generation_end_s: float = 0.0
 
 
 def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> float:
@@ -297,7 +308,7 @@ class Renderer:
             self.parallel_width(),
             opts.max_chunk_seconds,
         )
-        split = sentence_splitter(book, workers=min(8, os.cpu_count() or 1))
+        split = sentence_splitter(book, workers=min(PLAN_WORKERS, available_cpus()))
         chunks = list(
             iter_chunks(
                 book,
@@ -392,8 +403,22 @@ class Renderer:
                 tracker.resolve(index)
         pending = [i for i, s in enumerate(states) if s.status == "pending"]
         started = time.perf_counter()
+        rate = spec.sample_rate
+        expected_s = (
+            expected_length(
+                [round(s.chunk.seconds * rate) for s in states],
+                [s.chunk.boundary for s in states],
+                opts.pauses,
+                rate,
+            )
+            / rate
+        )
         with Assembler(
-            spec, opts.pauses, early_encoder_count=opts.early_encoders, join_with_ffmpeg=opts.join_with_ffmpeg
+            spec,
+            opts.pauses,
+            early_encoder_count=opts.early_encoders,
+            join_with_ffmpeg=opts.join_with_ffmpeg,
+            expected_seconds=expected_s,
         ) as assembler:
             worker = DecodeWorker(self, states, tracker, assembler, book)
             worker.start()
@@ -401,6 +426,7 @@ class Renderer:
                 if pending:
                     self._generate(states, pending, tracker)
                 generated = time.perf_counter()
+                assembled_then = worker.assembled_samples
                 worker.join_checked()
             except BaseException:
                 worker.stop()
@@ -433,6 +459,7 @@ class Renderer:
             snac_padding=worker.frames_computed / worker.frames_decoded if worker.frames_decoded else 0.0,
             loudness=assembled.loudness,
             early=assembled.early,
+            behind_at_generation_end_s=(worker.assembled_samples - assembled_then) / rate,
         )
 
     def _request(self, index: int, state: ChunkState) -> Request:
@@ -487,6 +514,10 @@ class Renderer:
         tracker.resolve(index)
         return None
 
+
+# Processes that split a long book's sentences before it renders (pysbd, about 4.5 s of one core for a
+# 13 h novel), while the GPU waits for the first chunks: one per CPU, up to this many.
+PLAN_WORKERS = 16
 
 # Decoded audio the decoder may hold ahead of the assembler (which writes in book order): about
 # 0.35 GB of 48 kHz float32. Without a bound, one slow early chunk would let hours pile up.
@@ -571,6 +602,7 @@ class DecodeWorker:
         self.last_decoded_at = 0.0  # perf_counter when the decoder handed over its last batch
         self.frames_decoded = 0  # SNAC frames asked for in this render, and computed with the padding
         self.frames_computed = 0
+        self.assembled_samples = 0  # of chunk audio handed to the assembler so far
         self._done: Future | None = None
 
     def start(self) -> None:
@@ -649,6 +681,7 @@ class DecodeWorker:
             )
         )
         state.codes = None  # decoded: free it
+        self.assembled_samples += len(clip)
 
     def stop(self) -> None:
         self.tracker.stop()
