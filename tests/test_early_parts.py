@@ -627,3 +627,32 @@ def test_parts_are_joined_in_book_order_and_not_past_a_failed_join(tmp_path: Pat
     for index in (0, 2, 1, 3):
         streamed.encoded(index, tmp_path / f"p{index}")
     assert failing.added == ["p0"]
+
+
+@needs_ffmpeg
+def test_a_finish_that_fails_closes_and_removes_the_file_joined_so_far(
+    tmp_path: Path, patient: list[EarlyParts], joined_early: list[int | None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(self: Assembler, *args: object) -> None:
+        raise RuntimeError("encoder crashed")
+
+    monkeypatch.setattr(Assembler, "_render_in_parts", failing)
+    spec = OutputSpec(tmp_path / "book.m4b", "m4b", sample_rate=SR, loudness="acx")
+    with Assembler(
+        spec,
+        Pauses(),
+        encode_workers=3,
+        early_part_seconds=5.0,
+        early_settle_seconds=0.0,
+        expected_seconds=30.0,
+    ) as assembler:
+        for segment in book_segments(30.0):
+            assembler.add(segment)
+            time.sleep(0.02)
+        assert assembler._streamed is not None
+        joined_file = assembler._streamed.joiner._join._out
+        with pytest.raises(RuntimeError, match="encoder crashed"):
+            assembler.finish()
+    assert joined_early[0] is not None and joined_early[0] >= 1
+    assert joined_file.closed
+    assert list(tmp_path.iterdir()) == []

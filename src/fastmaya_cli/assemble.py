@@ -918,7 +918,7 @@ class Assembler:
                 kept[index] = part.path
             elif part.path is not None:
                 remove_quietly(part.path)  # encoded at another gain: the finish encodes it again
-        streamed, self._streamed = self._streamed, None
+        streamed = self._streamed  # left to _abort until the finish has published the file
         if streamed is not None:  # keep what was joined up to the first part not kept
             joined = streamed.joiner.parts
             streamed.joiner.truncate(next((index for index in range(joined) if index not in kept), joined))
@@ -963,6 +963,7 @@ class Assembler:
         for path in self._temps:
             remove_quietly(path)
         self._temps.clear()
+        self._streamed = None
 
         if self._clipped:
             over = "over full scale" if self._direct else "more than 12 dB over full scale"
