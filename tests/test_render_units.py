@@ -221,3 +221,34 @@ def test_the_renderer_hands_the_bench_baseline_join_to_the_assembler(
     monkeypatch.setattr(render, "Assembler", Spy)
     _render_two_sentences(tmp_path, tiny_model, tiny_snac, join_with_ffmpeg=with_ffmpeg)
     assert asked == [with_ffmpeg]
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_the_assembler_is_told_the_books_expected_length_unless_joining_after_the_render(
+    tiny_model, tiny_snac, tmp_path, monkeypatch, after
+):
+    """With it, an m4b's early parts go into the file while the book renders (room for the index is
+    kept from it); the bench's `novel-join-after` baseline joins them after the last chunk."""
+    from fastmaya_cli import render
+    from fastmaya_cli.assemble import expected_length
+
+    told: list[float | None] = []
+    real = render.Assembler
+
+    def recording(*args, **kwargs):
+        told.append(kwargs.get("expected_seconds"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(render, "Assembler", recording)
+    renderer, result = _render_two_sentences(tmp_path, tiny_model, tiny_snac, join_after_render=after)
+    assert result.chunks == 2 and len(told) == 1
+    if after:
+        assert told == [None]
+    else:
+        chunks = renderer.plan(tmp_path / "book.txt")[1]
+        rate = renderer.upsampler.output_rate
+        lengths = [round(c.seconds * rate) for c in chunks]
+        expected = (
+            expected_length(lengths, [c.boundary for c in chunks], renderer.options.pauses, rate) / rate
+        )
+        assert told[0] == pytest.approx(expected) and told[0] > sum(c.seconds for c in chunks)

@@ -88,6 +88,7 @@ class RenderOptions:
     early_encoders: int | None = None  # encoders of the output's early parts; None: assemble.early_encoders
     decode_as_before: bool = False  # SNAC calls in book order, pageable copies: the bench's baseline
     join_with_ffmpeg: bool = False  # m4b/m4a parts joined by ffmpeg's remux, not mp4: the bench's baseline
+    join_after_render: bool = False  # m4b/m4a early parts joined after the last chunk: the bench baseline
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -418,7 +419,7 @@ class Renderer:
             opts.pauses,
             early_encoder_count=opts.early_encoders,
             join_with_ffmpeg=opts.join_with_ffmpeg,
-            expected_seconds=expected_s,
+            expected_seconds=None if opts.join_after_render else expected_s,
         ) as assembler:
             worker = DecodeWorker(self, states, tracker, assembler, book)
             worker.start()
@@ -516,8 +517,10 @@ class Renderer:
 
 
 # Processes that split a long book's sentences before it renders (pysbd, about 4.5 s of one core for a
-# 13 h novel), while the GPU waits for the first chunks: one per CPU, up to this many.
-PLAN_WORKERS = 16
+# 13 h novel), while the GPU waits for the first chunks: one per CPU, up to this many. 16 planned no faster
+# than 8 on the 16-CPU H200 machines (1.49 to 2.07 s against 1.70 to 1.77 s, BENCHMARKS.md runs J1 to J3
+# and H2 to H4): spawning them costs what they save.
+PLAN_WORKERS = 8
 
 # Decoded audio the decoder may hold ahead of the assembler (which writes in book order): about
 # 0.35 GB of 48 kHz float32. Without a bound, one slow early chunk would let hours pile up.
