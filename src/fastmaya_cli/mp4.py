@@ -199,6 +199,8 @@ def index_room(
     """The bytes ``M4bJoin`` needs before the audio for the index of a book of ``samples`` samples at
     48 kHz or less (AAC frames of 1024 samples, plus the priming frame), and its mdat header."""
     frames = -(-samples // ADTS_SAMPLES) + 2
+    # A join never opened, only to build its index: the index's size depends on the frame count, the
+    # tags, cover and chapters, and the width of its offsets, not on the sizes or offsets themselves.
     probe = M4bJoin.__new__(M4bJoin)
     probe._tags, probe._cover, probe._cover_kind = tags, cover, cover_kind
     probe._config, probe._samples, probe._chapters = AudioConfig(2, 3, 1), samples, chapters
