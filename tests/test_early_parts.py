@@ -309,20 +309,17 @@ def patient(monkeypatch: pytest.MonkeyPatch) -> list[EarlyParts]:
 
 
 @pytest.fixture
-def joined_early(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
-    """How many parts each render had joined into its output file before its finish (None: none was
-    joined while it rendered)."""
-    counts: list[int | None] = []
-    real_finish = Assembler.finish
+def joined_early(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """For each render that joined its early parts into its output file while it rendered, how many it
+    had joined when its early encoders were done (the finish then takes back those it does not keep)."""
+    counts: list[int] = []
+    real_truncate = assemble._Mp4Joiner.truncate
 
-    def finish(self: Assembler) -> object:
-        streamed = self._streamed
-        if streamed is not None and self._early is not None:
-            self._early._pool.shutdown(wait=True)  # the parts under way are joined as they end
-        counts.append(streamed.joiner.parts if streamed is not None else None)
-        return real_finish(self)
+    def truncate(self: assemble._Mp4Joiner, parts: int) -> None:
+        counts.append(self.parts)
+        real_truncate(self, parts)
 
-    monkeypatch.setattr(Assembler, "finish", finish)
+    monkeypatch.setattr(assemble._Mp4Joiner, "truncate", truncate)
     return counts
 
 
@@ -377,7 +374,7 @@ def test_early_parts_are_the_bytes_the_finish_would_write(tmp_path: Path, patien
 
 @needs_ffmpeg
 def test_early_parts_are_joined_into_the_file_while_the_book_renders(
-    tmp_path: Path, patient: list[EarlyParts], joined_early: list[int | None]
+    tmp_path: Path, patient: list[EarlyParts], joined_early: list[int]
 ) -> None:
     """With the book's length known about, the early parts go into the output's file as they are
     encoded; the finish adds the rest and the index, in the room kept before the audio. The book is
@@ -385,7 +382,7 @@ def test_early_parts_are_joined_into_the_file_while_the_book_renders(
     segments = book_segments(40.0)
     streamed = render(tmp_path / "streamed.m4b", segments, "acx", 8.0, expected=40.0)
     after = render(tmp_path / "after.m4b", segments, "acx", 8.0)
-    assert joined_early[1] is None and joined_early[0] is not None and joined_early[0] >= 2
+    assert len(joined_early) == 1 and joined_early[0] >= 2  # the second render joined after its last chunk
     assert streamed.early_parts == after.early_parts and streamed.early_parts["kept"] >= 3  # type: ignore[attr-defined]
     assert streamed.loudness.gain_db == after.loudness.gain_db  # type: ignore[attr-defined]
     assert top_boxes(tmp_path / "streamed.m4b") == [b"ftyp", b"moov", b"free", b"mdat"]
@@ -398,7 +395,7 @@ def test_early_parts_are_joined_into_the_file_while_the_book_renders(
 def test_a_book_that_grows_louder_still_has_one_gain(
     tmp_path: Path,
     patient: list[EarlyParts],
-    joined_early: list[int | None],
+    joined_early: list[int],
     fmt: str,
     expected: float | None,
 ) -> None:
@@ -441,7 +438,7 @@ def test_a_book_that_grows_louder_still_has_one_gain(
     assert gain in gains and abs(gain - exact) <= GAIN_TOLERANCE_DB
     if expected is not None:  # parts at the stale gain were joined before the finish, and dropped
         kept_first = next(i for i, p in enumerate(cut) if p.path is None or p.gain_db != gain)
-        assert joined_early[-1] is not None and joined_early[-1] > kept_first
+        assert len(joined_early) == 1 and joined_early[0] > kept_first
     book = decode(tmp_path / "book.wav")
     levels = chunk_levels(book, decode(tmp_path / f"book.{fmt}"), placements)
     expected = chunk_levels(book, decode(tmp_path / f"reference.{fmt}"), placements)
@@ -557,7 +554,7 @@ def test_the_early_encoders_are_one_per_two_cpus_unless_given(
 def test_what_was_not_kept_is_shared_among_every_encoder(
     tmp_path: Path,
     patient: list[EarlyParts],
-    joined_early: list[int | None],
+    joined_early: list[int],
     monkeypatch: pytest.MonkeyPatch,
     expected: float | None,
 ) -> None:
@@ -580,7 +577,7 @@ def test_what_was_not_kept_is_shared_among_every_encoder(
     segments = book_segments(40.0)
     result = render(tmp_path / "book.m4b", segments, "off", 8.0, expected=expected)
     if expected is not None:  # every part was joined into the file early; all but the first taken out
-        assert joined_early[0] is not None and joined_early[0] >= 3
+        assert len(joined_early) == 1 and joined_early[0] >= 3
     early_cuts = patient[0].cuts
     assert len(early_cuts) >= 3 and result.early_parts == {  # type: ignore[attr-defined]
         "kept": 1,
@@ -631,7 +628,7 @@ def test_parts_are_joined_in_book_order_and_not_past_a_failed_join(tmp_path: Pat
 
 @needs_ffmpeg
 def test_a_finish_that_fails_closes_and_removes_the_file_joined_so_far(
-    tmp_path: Path, patient: list[EarlyParts], joined_early: list[int | None], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, patient: list[EarlyParts], joined_early: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def failing(self: Assembler, *args: object) -> None:
         raise RuntimeError("encoder crashed")
@@ -653,6 +650,6 @@ def test_a_finish_that_fails_closes_and_removes_the_file_joined_so_far(
         joined_file = assembler._streamed.joiner._join._out
         with pytest.raises(RuntimeError, match="encoder crashed"):
             assembler.finish()
-    assert joined_early[0] is not None and joined_early[0] >= 1
+    assert len(joined_early) == 1 and joined_early[0] >= 1
     assert joined_file.closed
     assert list(tmp_path.iterdir()) == []
