@@ -613,14 +613,13 @@ def test_parts_are_joined_in_book_order_and_not_past_a_failed_join(tmp_path: Pat
                 raise OSError("disk full")
             self.added.append(part.name)
 
-    output = assemble._Output(None, tmp_path / "book.m4b", 0, 0, {})
     joiner = Joiner()
-    streamed = assemble._StreamedJoin(output, joiner)  # type: ignore[arg-type]
+    streamed = assemble._StreamedJoin(tmp_path / "book.m4b", joiner)  # type: ignore[arg-type]
     for index in (2, 0, 3, 1, 5):
         streamed.encoded(index, tmp_path / f"p{index}")
     assert joiner.added == ["p0", "p1", "p2", "p3"]
     failing = Joiner(fail_at="p1")
-    streamed = assemble._StreamedJoin(output, failing)  # type: ignore[arg-type]
+    streamed = assemble._StreamedJoin(tmp_path / "book.m4b", failing)  # type: ignore[arg-type]
     for index in (0, 2, 1, 3):
         streamed.encoded(index, tmp_path / f"p{index}")
     assert failing.added == ["p0"]

@@ -381,8 +381,8 @@ class _StreamedJoin:
     soon as it and every part before it are encoded; the finish joins the rest (see ``_finish``).
     Called from the early encoders' threads."""
 
-    def __init__(self, output: _Output, joiner: _Mp4Joiner) -> None:
-        self.output, self.joiner = output, joiner
+    def __init__(self, temp: Path, joiner: _Mp4Joiner) -> None:
+        self.temp, self.joiner = temp, joiner  # the output's hidden file, and the join writing it
         self._lock = threading.Lock()
         self._encoded: dict[int, Path] = {}
         self._next = 0
@@ -745,12 +745,11 @@ class Assembler:
         expected = round(INDEX_ROOM_MARGIN * self._expected_seconds * self.sample_rate)
         room = index_room(expected, tags, (), image, kind) + INDEX_ROOM_CHAPTERS
         temp = self._reserve(self._format.suffix)
-        output = _Output(spec.path, temp, 0, 0, tags)
         try:
             join = M4bJoin(temp, tags, image, kind, room)
         except OSError as error:
             raise write_failure(self._shown_name(), error) from error
-        return _StreamedJoin(output, _Mp4Joiner(join, self._shown_name()))
+        return _StreamedJoin(temp, _Mp4Joiner(join, self._shown_name()))
 
     def _estimated_gain(self) -> tuple[float | None, float]:
         """The gain the loudness of the book so far asks for, and the most its true peak so far allows:
@@ -1025,7 +1024,7 @@ class Assembler:
         total = chapters[-1].end_sample
         if not spec.split_chapters:
             entries = [ChapterEntry(mark.start_sample, mark.end_sample, mark.title) for mark in chapters]
-            temp = streamed.output.temp if streamed is not None else self._reserve(suffix)
+            temp = streamed.temp if streamed is not None else self._reserve(suffix)
             return [_Output(spec.path, temp, 0, total, book_tags(spec.info), entries)]
         assert spec.path is not None
         outputs = []
