@@ -492,7 +492,8 @@ def test_bfloat16_is_allowed_with_a_warning(generator):
 def test_benchmark_reports_audio_seconds_per_second():
     result = benchmark_upsampler("cpu", None, 1, 0.25, False, weights=_need(WEIGHTS), iterations=1)
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["batch"] == 1
-    assert result["audio_s_per_s"] == pytest.approx(0.25 / result["call_s"], rel=0.02)
+    # audio_s_per_s is rounded to 0.01, which on a slow CPU (~0.24) is more than 2% of it
+    assert result["audio_s_per_s"] == pytest.approx(0.25 / result["call_s"], rel=0.01, abs=0.005)
 
 
 # ---------------------------------------------------------------------------------------------------------
