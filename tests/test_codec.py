@@ -13,6 +13,7 @@ from fastmaya_cli.codec import (
     load_snac,
     padded_shape,
     plan_calls,
+    tf32_matmuls,
 )
 from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.maya1 import Codes
@@ -259,3 +260,35 @@ def test_decoder_counts_the_frames_its_padding_adds(tiny_snac):
     decoder.decode([_codes(5, 0), _codes(9, 1), _codes(7, 2)], [0, 1, 2])
     assert decoder.frames_decoded == 21
     assert decoder.frames_computed == 4 * 16  # 4 rows (3 rounded up) of 9 + 4 frames rounded up to 16
+
+
+def _matmul_precision() -> str:
+    matmul = torch.backends.cuda.matmul
+    return (
+        matmul.fp32_precision
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision")
+        else str(matmul.allow_tf32)
+    )
+
+
+def test_tf32_matmuls_switches_products_to_tf32_and_back():
+    before = _matmul_precision()
+    with tf32_matmuls(True):
+        assert _matmul_precision() in ("tf32", "True")
+    assert _matmul_precision() == before
+    with pytest.raises(RuntimeError), tf32_matmuls(True):
+        raise RuntimeError("a failed decode")
+    assert _matmul_precision() == before  # put back even when the decode fails
+    with tf32_matmuls(False):
+        assert _matmul_precision() == before
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_decoder_runs_snac_in_tf32_only_when_asked(tiny_snac, tf32):
+    decoder = SnacDecoder(tiny_snac, "cpu", tf32=tf32)
+    assert SnacDecoder(tiny_snac, "cpu").tf32 is False  # on by default on CUDA only
+    seen: list[str] = []
+    decoder.model.decoder.register_forward_pre_hook(lambda *_: seen.append(_matmul_precision()))
+    decoder.decode([_codes(3, 0)], [1])
+    assert seen == (["tf32"] if tf32 else [_matmul_precision()])
+    assert _matmul_precision() != "tf32"

@@ -687,16 +687,22 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
             emit(_run_llm(novel_renderer, novel_chunks, "llm-novel", name))
         novel_out = opts.out_dir / f"novel.{opts.render_format}"
-        for variant, change in NOVEL_BASELINES.items():
-            if f"novel-{variant}" in opts.stages:
-                before = _sharing(novel_renderer, **change)
+        # The novel's renders run in the order --stages names them, as often as it names them, so an A/B
+        # can take turns (novel,novel-VARIANT,novel) and show what the order alone does.
+        for stage_name in opts.stages:
+            variant = stage_name.removeprefix("novel-")
+            if variant in NOVEL_BASELINES:
+                before = _sharing(novel_renderer, **NOVEL_BASELINES[variant])
                 stage = f"render-novel-{variant}"
                 emit(_run_render(before, novel, novel_out, stage, name, opts.render_loudness))
+            elif stage_name == "novel":
+                for count in opts.novel_early_encoders or (None,):
+                    changed = (
+                        novel_renderer if count is None else _sharing(novel_renderer, early_encoders=count)
+                    )
+                    stage = "render-novel" if count is None else f"render-novel-early-encoders-{count}"
+                    emit(_run_render(changed, novel, novel_out, stage, name, opts.render_loudness))
         if "novel" in opts.stages:
-            for count in opts.novel_early_encoders or (None,):
-                changed = novel_renderer if count is None else _sharing(novel_renderer, early_encoders=count)
-                stage = "render-novel" if count is None else f"render-novel-early-encoders-{count}"
-                emit(_run_render(changed, novel, novel_out, stage, name, opts.render_loudness))
             pool_stats = getattr(renderer.engine, "stats", None)
             if callable(pool_stats):
                 report["per_gpu"] = pool_stats()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,34 @@ def plan_calls(
     return calls[::-1]
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA matrix products of float32 in TF32 while inside, as cuDNN's convolutions are by default.
+
+    PyTorch's switch is process-wide: set around each decode and put back after. In the renderer's process
+    the decoder is the only thread with float32 products on the GPU (the upsampler runs in float16).
+    """
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    try:
+        previous = matmul.fp32_precision  # torch >= 2.9; mixing it with allow_tf32 is an error there
+    except AttributeError:
+        previous_allowed = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous_allowed
+        return
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 def fused_by_default(device: torch.device) -> bool:
     """snac_fused's formulation pays off on a GPU; on the CPU SNAC's own modules are as fast."""
     return device.type == "cuda"
@@ -171,12 +200,18 @@ class SnacDecoder:
         *,
         fused: bool | None = None,
         bucketed: bool | None = None,
+        tf32: bool | None = None,
     ) -> None:
         """`fused` runs the decoder's residual units and noise blocks as in snac_fused. By default it is on
         on CUDA, unless the decoder's residual units are not laid out as the snac package's are.
-        `bucketed` rounds each batch's shape up (see WIDTH_STEP_FRAMES); by default on CUDA only."""
+        `bucketed` rounds each batch's shape up (see WIDTH_STEP_FRAMES); by default on CUDA only.
+        `tf32` runs the fused path's matrix products in TF32 (by default on CUDA): SNAC's own modules do
+        the same products as 1x1 convolutions, which cuDNN runs in TF32 under PyTorch's defaults, so
+        this is the precision SNAC decodes at on a GPU anyway. Full float32 made them 44% of SNAC's time
+        on an H200, and TF32 decoded 1.33x faster (scripts/profile_decoder.py, BENCHMARKS.md run K1)."""
         self.device = torch.device(device)
         self.bucketed = self.device.type == "cuda" if bucketed is None else bucketed
+        self.tf32 = self.device.type == "cuda" if tf32 is None else tf32
         # Frames asked for, and frames computed with the padding (rows and width); for the bench.
         self.frames_decoded = 0
         self.frames_computed = 0
@@ -227,7 +262,8 @@ class SnacDecoder:
         latent_ends = torch.tensor(row_frames, device=self.device).view(-1, 1, 1) * latent_per_frame
         latent = latent.masked_fill(torch.arange(latent.shape[-1], device=self.device) >= latent_ends, 0.0)
         lengths = [f * SAMPLES_PER_FRAME for f in frames]
-        audio = self.model.decoder(latent)[: len(codes), 0, : max(lengths)].float()
+        with tf32_matmuls(self.tf32):
+            audio = self.model.decoder(latent)[: len(codes), 0, : max(lengths)].float()
         sample_ends = torch.tensor(lengths, device=self.device).view(-1, 1)
         audio = audio.masked_fill(torch.arange(audio.shape[-1], device=self.device) >= sample_ends, 0.0)
         return audio, lengths

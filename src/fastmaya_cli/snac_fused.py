@@ -14,8 +14,8 @@ Here each residual unit, `x + conv1x1(snake(depthwise(snake(x))))`, is two passe
    extra hidden channel of ones (padded to four channels, which keeps the GEMM's rows 16-byte aligned).
 
 A noise block, `x + noise * (W @ x)`, is `x + W @ (noise * x)` (the noise is one value per sample, the same
-in every channel), so it is one in-place GEMM too. Everything stays float32, and the GEMMs are full float32
-rather than TF32: PyTorch's TF32 switch for matrix products is process-wide.
+in every channel), so it is one in-place GEMM too. Everything stays float32; `codec.SnacDecoder` runs the
+GEMMs in TF32 on CUDA (the precision cuDNN gives SNAC's own 1x1 convolutions by default).
 
 Both functions consume their input: x is updated in place (it is nothing but the previous layer's output).
 """
