@@ -226,7 +226,7 @@ def test_each_novel_baseline_is_a_known_stage_that_changes_a_real_render_option(
     from fastmaya_cli.render import EngineOptions, RenderOptions
 
     options = RenderOptions(voice="v", engine=EngineOptions())
-    assert set(bench.NOVEL_BASELINES) == {"decode-before", "ffmpeg-join", "join-after", "decode-eager"}
+    assert set(bench.NOVEL_BASELINES) == {"decode-before", "ffmpeg-join", "join-after"}
     for variant, change in bench.NOVEL_BASELINES.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
         changed = dataclasses.replace(options, **change)  # a misspelt field raises here

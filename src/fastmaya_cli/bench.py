@@ -42,11 +42,10 @@ SPEECH_48K = "fastmaya1_flashsr_48k.wav"
 BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
 # The novel rendered as before a change, stage novel-VARIANT (an A/B with "novel" in one run): the
 # renderer's options for each.
-NOVEL_BASELINES: dict[str, dict[str, object]] = {
+NOVEL_BASELINES: dict[str, dict[str, bool]] = {
     "decode-before": {"decode_as_before": True},  # decoded as before codec.plan_calls and pinned memory
     "ffmpeg-join": {"join_with_ffmpeg": True},  # m4b parts joined by ffmpeg's remux, as before mp4
     "join-after": {"join_after_render": True},  # m4b early parts joined after the last chunk, as before
-    "decode-eager": {"decode_gather_s": 0.0},  # the decoder takes what has finished, however few, as before
 }
 NOVEL_STAGES = frozenset({"novel-llm", "novel", "decode-mix"} | {f"novel-{v}" for v in NOVEL_BASELINES})
 # The stages that run on the LMDeploy renderer (its engine, SNAC and upsampler), built once for all of them.

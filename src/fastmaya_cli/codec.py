@@ -208,7 +208,7 @@ class SnacDecoder:
         `tf32` runs the fused path's matrix products in TF32 (by default on CUDA): SNAC's own modules do
         the same products as 1x1 convolutions, which cuDNN runs in TF32 under PyTorch's defaults, so
         this is the precision SNAC decodes at on a GPU anyway. Full float32 made them 44% of SNAC's time
-        on an H200, and TF32 decoded 1.33x faster (scripts/profile_decoder.py, BENCHMARKS.md run K1)."""
+        on an H200, and TF32 decoded 1.33x and 1.32x faster (scripts/profile_decoder.py, BENCHMARKS.md runs K1, K2)."""
         self.device = torch.device(device)
         self.bucketed = self.device.type == "cuda" if bucketed is None else bucketed
         self.tf32 = self.device.type == "cuda" if tf32 is None else tf32

@@ -85,9 +85,6 @@ class RenderOptions:
     max_chunk_seconds: float = 18.0
     words_per_second: float = 2.5
     decode_batch: int = 16  # the most chunks per decode call: small keeps the last chunks waiting little
-    # How long the decoder may wait for decode_batch chunks while the engine generates (DecodeQueue);
-    # 0: it takes what has finished, as before (the bench's baseline).
-    decode_gather_s: float = 2.0
     early_encoders: int | None = None  # encoders of the output's early parts; None: assemble.early_encoders
     decode_as_before: bool = False  # SNAC calls in book order, pageable copies: the bench's baseline
     join_with_ffmpeg: bool = False  # m4b/m4a parts joined by ffmpeg's remux, not mp4: the bench's baseline
@@ -397,14 +394,7 @@ class Renderer:
         opts = self.options
         expected_audio = sum(s.chunk.seconds for s in states)
         self.progress.start(str(book.meta.source), len(states), expected_audio)
-        # Gathering pays where the decoder shares a GPU with the engine; on the CPU, chunks decode one by one.
-        on_gpu = self.audio_device().startswith("cuda")
-        tracker = DecodeQueue(
-            [s.chunk.seconds for s in states],
-            DECODED_AHEAD_S,
-            gather=opts.decode_batch,
-            patience_s=opts.decode_gather_s if on_gpu else 0.0,
-        )
+        tracker = DecodeQueue([s.chunk.seconds for s in states], DECODED_AHEAD_S)
         for index, state in enumerate(states):
             hit = self.cache.get(state.key)
             if hit is not None:
@@ -543,25 +533,13 @@ class DecodeQueue:
     The decoder never holds more than `ahead_s` seconds of audio the assembler cannot write yet,
     except for the lowest chunk not yet taken: everything before it is taken, so it is always the
     next one the assembler needs, and taking it always makes progress.
-
-    While chunks are still being generated, a take waits until it can hand out `gather` chunks, for at
-    most `patience_s` after the earliest of them resolved. The decoder shares the GPU with the engine,
-    and while its kernels run, the engine's wait (the driver time-slices the two processes), so its
-    calls should be few and full rather than many and small. Once nothing is left to generate, or the
-    bound above stops the take, it hands out what it has at once.
     """
 
-    def __init__(
-        self, seconds: Sequence[float], ahead_s: float, *, gather: int = 1, patience_s: float = 0.0
-    ) -> None:
+    def __init__(self, seconds: Sequence[float], ahead_s: float) -> None:
         self._seconds = list(seconds)
         self._ahead_s = ahead_s
-        self._gather = max(1, gather)
-        self._patience_s = patience_s
         self._ready: list[int] = []  # sorted
-        self._resolved_at: dict[int, float] = {}  # of the ready ones, time.monotonic()
         self._taken = [False] * len(seconds)
-        self._taken_count = 0
         self._lowest_untaken = 0  # == len(seconds) once every chunk is taken
         self._held_s = 0.0
         self._cond = threading.Condition()
@@ -570,50 +548,29 @@ class DecodeQueue:
     def resolve(self, index: int) -> None:
         with self._cond:
             bisect.insort(self._ready, index)
-            self._resolved_at[index] = time.monotonic()
             self._cond.notify_all()
 
     def take(self, most: int) -> list[int] | None:
-        """Up to `most` resolved chunks, waiting for at least one (and for more, see the class); None once
-        all are taken (or stopped)."""
+        """Up to `most` resolved chunks, waiting for at least one; None once all are taken (or stopped)."""
         with self._cond:
             while not self._stopped and self._lowest_untaken < len(self._taken):
-                takeable, bounded = self._takeable(most)
-                wait_s = 0.5
-                if takeable:
-                    generating = len(self._ready) < len(self._taken) - self._taken_count
-                    waited_s = time.monotonic() - min(self._resolved_at[i] for i in takeable)
-                    full = len(takeable) >= min(most, self._gather)
-                    if full or bounded or not generating or waited_s >= self._patience_s:
-                        return self._hand_out(takeable)
-                    wait_s = min(wait_s, self._patience_s - waited_s)
-                self._cond.wait(timeout=wait_s)
+                taken: list[int] = []
+                needed = self._lowest_untaken
+                for index in self._ready:
+                    if len(taken) == most:
+                        break
+                    if index != needed and self._held_s + self._seconds[index] > self._ahead_s:
+                        break
+                    taken.append(index)
+                    self._held_s += self._seconds[index]
+                    self._taken[index] = True
+                    while self._lowest_untaken < len(self._taken) and self._taken[self._lowest_untaken]:
+                        self._lowest_untaken += 1
+                if taken:
+                    del self._ready[: len(taken)]
+                    return taken
+                self._cond.wait(timeout=0.5)
             return None
-
-    def _takeable(self, most: int) -> tuple[list[int], bool]:
-        """The chunks a take would hand out now, and whether the bound on audio held stopped it short."""
-        takeable: list[int] = []
-        held_s = self._held_s
-        needed = self._lowest_untaken
-        for index in self._ready:
-            if len(takeable) == most:
-                break
-            if index != needed and held_s + self._seconds[index] > self._ahead_s:
-                return takeable, True
-            takeable.append(index)
-            held_s += self._seconds[index]
-        return takeable, False
-
-    def _hand_out(self, taken: list[int]) -> list[int]:
-        for index in taken:
-            self._held_s += self._seconds[index]
-            self._taken[index] = True
-            del self._resolved_at[index]
-        self._taken_count += len(taken)
-        while self._lowest_untaken < len(self._taken) and self._taken[self._lowest_untaken]:
-            self._lowest_untaken += 1
-        del self._ready[: len(taken)]
-        return taken
 
     def assembled(self, index: int) -> None:
         """The assembler has written chunk `index`: its audio no longer counts as held."""
