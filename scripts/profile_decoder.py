@@ -12,6 +12,10 @@ to OUT/decoder-profile.json:
 - the top CUDA kernels of SNAC and of the upsampler (torch.profiler), to OUT/decoder-kernels.txt.
 
     python3 scripts/profile_decoder.py --weights .devdata/speechsr48k.pth --out /tmp/profile
+
+PROFILE_QUICK=1 stops after the throughputs and float32 products; PROFILE_FIRST=1 only times a fresh
+process's first pass over the chunks against its second; PROFILE_BATCHES=N sets the calls of 16 (12).
+`--device cpu` is a smoke test on a tiny SNAC.
 """
 
 from __future__ import annotations
