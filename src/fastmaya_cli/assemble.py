@@ -738,9 +738,8 @@ class Assembler:
         spec = self.spec
         if self._expected_seconds is None or self._format.muxer != "ipod" or self._join_with_ffmpeg:
             return None
-        cover = spec.info.cover
-        kind = image_kind(cover) if cover and self._format.supports_cover else None
-        image = cover if kind is not None else None  # else the finish leaves it out, with a warning
+        usable = self._usable_cover()  # the finish warns of a cover left out
+        image, kind = usable if isinstance(usable, tuple) else (None, None)
         tags = book_tags(spec.info)
         expected = round(INDEX_ROOM_MARGIN * self._expected_seconds * self.sample_rate)
         room = index_room(expected, tags, (), image, kind) + INDEX_ROOM_CHAPTERS
@@ -1035,17 +1034,25 @@ class Assembler:
             outputs.append(_Output(spec.path / name, temp, mark.start_sample, mark.end_sample, tags))
         return outputs
 
-    def _cover_file(self, warnings: list[str]) -> Path | None:
+    def _usable_cover(self) -> tuple[bytes, str] | str | None:
+        """The cover and its kind where the output can carry it; else why it is left out, or None."""
         cover = self.spec.info.cover
         if not cover:
             return None
         kind = image_kind(cover)
         if kind is None:
-            warnings.append("the cover is neither JPEG nor PNG; it was left out.")
-            return None
+            return "the cover is neither JPEG nor PNG; it was left out."
         if not self._format.supports_cover:
-            warnings.append(f"{self._format.name} files carry no cover here; it was left out.")
+            return f"{self._format.name} files carry no cover here; it was left out."
+        return cover, kind
+
+    def _cover_file(self, warnings: list[str]) -> Path | None:
+        usable = self._usable_cover()
+        if isinstance(usable, str):
+            warnings.append(usable)
+        if not isinstance(usable, tuple):
             return None
+        cover, kind = usable
         path = self._reserve(".jpg" if kind == "jpeg" else ".png")
         try:
             path.write_bytes(cover)

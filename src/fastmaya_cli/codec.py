@@ -162,21 +162,14 @@ def tf32_matmuls(enabled: bool) -> Iterator[None]:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    try:
-        previous = matmul.fp32_precision  # torch >= 2.9; mixing it with allow_tf32 is an error there
-    except AttributeError:
-        previous_allowed = matmul.allow_tf32
-        matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = previous_allowed
-        return
-    matmul.fp32_precision = "tf32"
+    # torch >= 2.9 has fp32_precision, and mixing it with the older allow_tf32 is an error there.
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    previous = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        matmul.fp32_precision = previous
+        setattr(matmul, name, previous)
 
 
 def fused_by_default(device: torch.device) -> bool:

@@ -310,8 +310,7 @@ class M4bJoin:
             raise AdtsError("no parts to join")
         try:
             self._samples, self._chapters = samples, chapters
-            self._out.seek(self._ends[-1])
-            self._out.truncate()
+            self.truncate(self.parts)  # cuts off what a failed add left half-written
             titles = self._chapter_samples()
             self._out.write(b"".join(titles))
             mdat_end = self._out.tell()
@@ -320,11 +319,10 @@ class M4bJoin:
             titles_start = self._ends[-1]
             moov = self._movie(sizes, titles, self._audio_start, titles_start)
             filler = self._room - len(header) - len(moov)
+            self._out.seek(len(_FILE_TYPE))
             if filler == 0 or filler >= 8:  # the index fits before the audio
-                self._out.seek(len(_FILE_TYPE))
                 self._out.write(moov + (_free(filler) if filler else b"") + header)
             else:  # the index goes after the audio; the room stays free
-                self._out.seek(len(_FILE_TYPE))
                 self._out.write(_free(self._room - len(header))[:8])
                 self._out.seek(self._audio_start - len(header))
                 self._out.write(header)
