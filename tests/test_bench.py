@@ -85,7 +85,9 @@ def test_finish_stage_runs_on_the_cpu_and_compares_one_piece_with_parts(tmp_path
         assert row["finish_audio_s_per_s"] == pytest.approx(row["audio_s"] / row["finish_s"], rel=0.02)
     assert "join" not in one["finish_steps_s"] and parts["finish_steps_s"]["join"] >= 0
     summary = report["summary"]
-    assert summary["finish_parts_over_one_piece"] == pytest.approx(one["finish_s"] / parts["finish_s"], abs=0.01)
+    assert summary["finish_parts_over_one_piece"] == pytest.approx(
+        one["finish_s"] / parts["finish_s"], abs=0.01
+    )
     assert summary["finish_ffmpeg_join_over_mp4_join"] == pytest.approx(
         ffmpeg_join["finish_s"] / parts["finish_s"], rel=0.05
     )
@@ -258,3 +260,46 @@ def test_the_gain_trail_shows_what_each_early_part_asked_for_against_the_books_g
     }
     off = RenderResult(None, 3, 0, 0, 1.0, 1.0, loudness=report_for("off", None, 0.0))
     assert bench.gain_trail(off) == {}
+
+
+def test_the_novels_passes_run_in_the_order_the_stages_name_them():
+    stages = ("llm", "novel-llm", "novel", "novel-llm", "novel-join-after", "novel", "decode-mix", "bs1")
+    assert bench.novel_runs(stages) == ["llm", "novel", "llm", "join-after", "novel"]
+    assert bench.novel_runs(("render", "novel-decode-eager")) == []
+
+
+def test_allocator_change_counts_what_a_stage_added_and_keeps_what_is_held():
+    before = {"device_allocs": 10, "alloc_retries": 0, "reserved_gib": 2.0}
+    after = {"device_allocs": 14, "alloc_retries": 1, "reserved_gib": 3.5, "host_allocs": 2}
+    assert bench.allocator_change(before, after) == {
+        "device_allocs": 4,
+        "alloc_retries": 1,
+        "reserved_gib": 3.5,
+        "host_allocs": 2,
+    }
+
+
+def test_gpu_memory_is_split_between_this_process_and_the_others(monkeypatch):
+    from types import SimpleNamespace
+
+    listing = f"{os.getpid()}, 2048\n4242, 90000\n4343, 10\n"
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=listing))
+    assert bench.gpu_memory_by_process() == {"renderer_mib": 2048, "others_mib": 90010}
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(bench.subprocess, "run", missing)
+    assert bench.gpu_memory_by_process() == {}
+
+
+def test_the_trace_summary_counts_chunks_by_quarter_of_generation_and_the_decoders_time():
+    from fastmaya_cli.render import RenderTrace
+
+    trace = RenderTrace((0.5, 2.4, 2.6, 7.0, 9.9, 10.0), ((1.0, 2.0, 2, 20.0), (9.5, 11.0, 4, 40.0)))
+    assert bench.trace_summary(trace, 10.0) == {
+        "resolved_by_quarter": [2, 1, 1, 2],
+        "decoding_during_generation_s": 1.5,
+        "decode_calls": 2,
+    }
+    assert bench.trace_summary(None, 10.0) == {}

@@ -252,3 +252,74 @@ def test_the_assembler_is_told_the_books_expected_length_unless_joining_after_th
             expected_length(lengths, [c.boundary for c in chunks], renderer.options.pauses, rate) / rate
         )
         assert told[0] == pytest.approx(expected) and told[0] > sum(c.seconds for c in chunks)
+
+
+def test_the_render_traces_when_chunks_came_back_and_when_the_decoder_ran(tiny_model, tiny_snac, tmp_path):
+    renderer, result = _render_two_sentences(tmp_path, tiny_model, tiny_snac, cache_dir=tmp_path / "cache")
+    trace = result.trace
+    assert trace is not None and len(trace.resolved_s) == result.chunks == 2
+    assert list(trace.resolved_s) == sorted(trace.resolved_s) and trace.resolved_s[0] >= 0
+    assert sum(chunks for _, _, chunks, _ in trace.decode_calls) == 2  # every chunk decoded once
+    assert all(0 <= start <= end for start, end, _, _ in trace.decode_calls)
+    assert sum(seconds for *_, seconds in trace.decode_calls) == pytest.approx(
+        sum(c.seconds for c in renderer.plan(tmp_path / "book.txt")[1]), abs=0.02
+    )
+    # A call is counted only up to the moment asked for.
+    first_start, first_end = trace.decode_calls[0][:2]
+    assert trace.decoding_s(first_start) == pytest.approx(0.0, abs=1e-9)
+    assert trace.decoding_s(1e9) == pytest.approx(sum(end - start for start, end, *_ in trace.decode_calls))
+    # Chunks taken from the cache were resolved before generation started: a second render traces none.
+    cached = renderer.render(tmp_path / "book.txt", _flac(tmp_path / "again.flac"))
+    assert cached.trace is not None and cached.trace.resolved_s == () and cached.cached == 2
+
+
+def _flac(path):
+    from fastmaya_cli.assemble import OutputSpec
+
+    return OutputSpec(path=path, format="flac", loudness="off")
+
+
+class _FakeDecoder:
+    device = torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_on_a_gpu_the_decoder_is_warmed_once_with_the_largest_batches_before_the_engine(monkeypatch, enabled):
+    """SNAC's fullest call (16 rows x 128 padded frames = the call budget) and 16 of the longest chunks the
+    token limit allows; once per renderer, and not when switched off (the bench's baseline)."""
+    from fastmaya_cli import render
+    from fastmaya_cli.progress import Progress
+
+    calls: list[tuple[int, list[int], list[int]]] = []
+
+    def recording(decoder, upsampler, codes, *, seeds, **kwargs):
+        calls.append((len(codes), sorted({c.frames for c in codes}), list(seeds)))
+        assert threading.current_thread().name.startswith("fastmaya-decode")
+        return [], []
+
+    monkeypatch.setattr(render, "decode_and_upsample", recording)
+    options = render.RenderOptions(voice="Calm narrator", max_new_tokens=2048, warm_decoder=enabled)
+    renderer = render.Renderer(options, Progress("none"))
+    renderer._decoder, renderer._upsampler = _FakeDecoder(), object()
+    monkeypatch.setattr(renderer, "audio_device", lambda: "cuda:0")
+    monkeypatch.setattr(renderer, "decode_stream", lambda: __import__("contextlib").nullcontext())
+    renderer.warm_decoder()
+    renderer.warm_decoder()
+    renderer.close()
+    if not enabled:
+        assert calls == []
+        return
+    fullest = 2048 // 16 - RIGHT_CONTEXT_FRAMES
+    assert calls == [(16, [fullest], list(range(16))), (16, [2048 // 7], list(range(16)))]
+    assert "decoder_warmup" in renderer.startup
+
+
+def test_on_the_cpu_the_decoder_is_not_warmed(monkeypatch):
+    from fastmaya_cli import render
+    from fastmaya_cli.progress import Progress
+
+    monkeypatch.setattr(render, "decode_and_upsample", lambda *a, **k: pytest.fail("decoded on the CPU"))
+    renderer = render.Renderer(render.RenderOptions(voice="Calm narrator"), Progress("none"))
+    monkeypatch.setattr(renderer, "audio_device", lambda: "cpu")
+    renderer.warm_decoder()
+    assert "decoder_warmup" not in renderer.startup

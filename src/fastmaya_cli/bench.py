@@ -19,7 +19,7 @@ import platform
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -89,6 +89,7 @@ class BenchOptions:
     upsampler_weights: str | None = None
     json_out: Path | None = None
     out_dir: Path = Path("/tmp/fastmaya-bench")
+    warm_decoder: bool = True  # RenderOptions.warm_decoder of every render stage
 
 
 class MemoryPeak:
@@ -129,6 +130,77 @@ class MemoryPeak:
         return round(self.peak / 2**30, 2)
 
 
+def novel_runs(stages: Sequence[str]) -> list[str]:
+    """The novel's passes in the order `stages` names them, as often as it names them: "llm" (LLM only),
+    "novel" (the render) or a NOVEL_BASELINES variant."""
+    runs = [name.removeprefix("novel-") for name in stages if name.startswith("novel")]
+    return [run for run in runs if run in ("llm", "novel") or run in NOVEL_BASELINES]
+
+
+def allocator_counts() -> dict[str, float]:
+    """This process's CUDA caching allocator (the decoder's; LMDeploy runs in a process of its own):
+    device allocations and frees, retries after freeing its cache, out-of-memory errors, what it
+    holds; and its page-locked host allocations."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    names = {
+        "num_device_alloc": "device_allocs",
+        "num_device_free": "device_frees",
+        "num_alloc_retries": "alloc_retries",
+        "num_ooms": "ooms",
+    }
+    counts: dict[str, float] = {name: int(stats.get(key, 0)) for key, name in names.items()}
+    counts["reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+    with suppress(Exception):  # torch without host allocator statistics
+        counts["host_allocs"] = int(torch.cuda.host_memory_stats().get("num_host_alloc", 0))
+    return counts
+
+
+def allocator_change(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What a stage added to allocator_counts, and what the allocator held after it."""
+    change = {name: after[name] - before.get(name, 0) for name in after if name != "reserved_gib"}
+    return {**change, "reserved_gib": after["reserved_gib"]}
+
+
+def gpu_memory_by_process() -> dict[str, int]:
+    """MiB of GPU memory used by this process and by all others (nvidia-smi); empty without it."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    mine = others = 0
+    for line in out.splitlines():
+        pid, _, used = line.partition(",")
+        with suppress(ValueError):
+            if int(pid) == os.getpid():
+                mine += int(used)
+            else:
+                others += int(used)
+    return {"renderer_mib": mine, "others_mib": others}
+
+
+def trace_summary(trace, generate_s: float) -> dict:  # noqa: ANN001 - render.RenderTrace
+    """From a render's trace: the chunks that came back in each quarter of generation, and the seconds the
+    decoder spent decoding before generation ended."""
+    if trace is None or generate_s <= 0:
+        return {}
+    quarters = [0, 0, 0, 0]
+    for at in trace.resolved_s:
+        quarters[min(3, int(4 * at / generate_s))] += 1
+    return {
+        "resolved_by_quarter": quarters,
+        "decoding_during_generation_s": round(trace.decoding_s(generate_s), 2),
+        "decode_calls": len(trace.decode_calls),
+    }
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -139,6 +211,7 @@ class StageResult:
     wall_s: float
     peak_gpu_gib: float
     notes: dict = field(default_factory=dict)
+    trace: dict | None = None  # a render's RenderTrace, kept in the report's "traces", not in its row
 
     @property
     def tokens_per_s(self) -> float:
@@ -181,6 +254,7 @@ def _sharing(renderer, **changes):  # noqa: ANN001, ANN202
     )
     other._decoder, other._upsampler = renderer.decoder, renderer.upsampler
     other._decode_thread = renderer.decode_thread  # where the models were warmed
+    other._decoder_warm = renderer._decoder_warm
     other._encode = renderer.encode
     return other
 
@@ -189,6 +263,7 @@ def _run_llm(renderer, chunks, stage: str, engine_name: str) -> StageResult:  # 
     requests = [renderer.request_for(i, c, maya1.chunk_seed(0, c.text)) for i, c in enumerate(chunks)]
     tokens = 0
     frames = 0
+    allocator = allocator_counts()
     with MemoryPeak() as memory:
         started = time.perf_counter()
         for generation in renderer.engine.generate(requests):
@@ -196,7 +271,8 @@ def _run_llm(renderer, chunks, stage: str, engine_name: str) -> StageResult:  # 
             frames += maya1.unpack(generation.token_ids).frames
         wall = time.perf_counter() - started
     audio = frames * maya1.SAMPLES_PER_FRAME / maya1.SNAC_RATE
-    return StageResult(stage, engine_name, len(requests), tokens, audio, wall, memory.gib)
+    notes = {"renderer_allocator": allocator_change(allocator, allocator_counts()), **gpu_memory_by_process()}
+    return StageResult(stage, engine_name, len(requests), tokens, audio, wall, memory.gib, notes=notes)
 
 
 def _run_render(  # noqa: ANN001
@@ -205,6 +281,7 @@ def _run_render(  # noqa: ANN001
     from .assemble import OutputSpec
 
     spec = OutputSpec(path=output, format=output.suffix.lstrip("."), loudness=loudness)
+    allocator = allocator_counts()
     with MemoryPeak() as memory:
         started = time.perf_counter()
         result = renderer.render(source, spec)
@@ -230,8 +307,12 @@ def _run_render(  # noqa: ANN001
             "finish_steps_s": result.finish_steps,
             "early_parts": result.early_parts,
             "snac_padding": round(result.snac_padding, 3),
+            **trace_summary(result.trace, result.generate_s),
+            "renderer_allocator": allocator_change(allocator, allocator_counts()),
+            **gpu_memory_by_process(),
             **gain_trail(result),
         },
+        trace=dataclasses.asdict(result.trace) if result.trace is not None else None,
     )
 
 
@@ -604,6 +685,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         fixed_length=fixed,
         cache_dir=None,
         force=True,
+        warm_decoder=opts.warm_decoder,
     )
     report: dict = {
         "date": datetime.date.today().isoformat(),
@@ -617,12 +699,15 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         "stages": [],
         "startup": startup,
         "render_output": {"format": opts.render_format, "loudness": opts.render_loudness},
+        "warm_decoder": opts.warm_decoder,
     }
     stages: list[StageResult] = []
 
     def emit(result: StageResult) -> None:
         stages.append(result)
         report["stages"].append(result.row())
+        if result.trace is not None:
+            report.setdefault("traces", []).append({"stage": result.stage, **result.trace})
         print(json.dumps(result.row()), flush=True)
 
     if "hf" in opts.stages:
@@ -682,19 +767,19 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         if NOVEL_STAGES & set(opts.stages):
             novel_renderer = _sharing(renderer, max_chunks=opts.limit)
             _, novel_chunks = novel_renderer.plan(novel)
-        if "novel-llm" in opts.stages:
-            # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
-            emit(_run_llm(novel_renderer, novel_chunks, "llm-novel", name))
         novel_out = opts.out_dir / f"novel.{opts.render_format}"
-        # The novel's renders run in the order --stages names them, as often as it names them, so an A/B
-        # can take turns (novel,novel-VARIANT,novel) and show what the order alone does.
-        for stage_name in opts.stages:
-            variant = stage_name.removeprefix("novel-")
-            if variant in NOVEL_BASELINES:
+        # The novel's LLM-only passes and renders run in the order --stages names them, as often as it
+        # names them, so an A/B can take turns (novel-llm,novel,novel-VARIANT,novel,novel-llm) and show
+        # what the order alone does.
+        for variant in novel_runs(opts.stages):
+            if variant == "llm":
+                # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
+                emit(_run_llm(novel_renderer, novel_chunks, "llm-novel", name))
+            elif variant in NOVEL_BASELINES:
                 before = _sharing(novel_renderer, **NOVEL_BASELINES[variant])
                 stage = f"render-novel-{variant}"
                 emit(_run_render(before, novel, novel_out, stage, name, opts.render_loudness))
-            elif stage_name == "novel":
+            else:
                 for count in opts.novel_early_encoders or (None,):
                     changed = (
                         novel_renderer if count is None else _sharing(novel_renderer, early_encoders=count)

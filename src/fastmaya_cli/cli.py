@@ -507,6 +507,13 @@ def bench(
         str | None, typer.Option(help="SpeechSR-48k weights (default: DATA_DIR/speechsr48k.pth).")
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    cold_decoder: Annotated[
+        bool,
+        typer.Option(
+            help="Do not warm the decoder with its largest batches at load (the baseline before that warm-up; "
+            "compare across two bench processes)."
+        ),
+    ] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Measure throughput on this GPU: hf anchor, LMDeploy LLM-only, full render, the novel (LLM only and
@@ -534,6 +541,7 @@ def bench(
                 gpus=gpus,
                 upsampler_weights=upsampler_weights,
                 json_out=json_out,
+                warm_decoder=not cold_decoder,
             )
         )
         return 0

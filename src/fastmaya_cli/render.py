@@ -37,7 +37,14 @@ from .assemble import (
     output_lock,
 )
 from .cache import CachedChunk, ChunkCache, atomic_write, fingerprint, model_fingerprint
-from .codec import DEFAULT_CODEC, SnacDecoder, plan_calls
+from .codec import (
+    DEFAULT_CODEC,
+    RIGHT_CONTEXT_FRAMES,
+    SnacDecoder,
+    bucketed_rows,
+    plan_calls,
+    random_codes,
+)
 from .early_parts import EarlyPart
 from .engines import Engine, Generation, Request, Sampling
 from .engines.factory import parse_gpus
@@ -89,6 +96,7 @@ class RenderOptions:
     decode_as_before: bool = False  # SNAC calls in book order, pageable copies: the bench's baseline
     join_with_ffmpeg: bool = False  # m4b/m4a parts joined by ffmpeg's remux, not mp4: the bench's baseline
     join_after_render: bool = False  # m4b/m4a early parts joined after the last chunk: the bench baseline
+    warm_decoder: bool = True  # decode the largest batches once at load (see Renderer.warm_decoder)
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -134,6 +142,21 @@ class RenderResult:
     early: tuple[EarlyPart, ...] = ()  # AssemblyResult.early
     # Speech (s) not yet in the assembler when the engine finished: what decode_tail_s still had to do.
     behind_at_generation_end_s: float = 0.0
+    trace: RenderTrace | None = None  # when chunks came back and the decoder ran (for the bench)
+
+
+@dataclass(frozen=True)
+class RenderTrace:
+    """When, in seconds from the first request, each chunk came back from the engine (in the order they
+    came) and each decode call ran: (start, end, chunks, audio seconds). It shows where in a render the
+    decoder fell behind the engine, and how fast the engine went meanwhile."""
+
+    resolved_s: tuple[float, ...]
+    decode_calls: tuple[tuple[float, float, int, float], ...]
+
+    def decoding_s(self, until: float) -> float:
+        """Seconds the decoder spent in its calls before `until`."""
+        return sum(max(0.0, min(end, until) - start) for start, end, _, _ in self.decode_calls)
 
 
 def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> float:
@@ -173,6 +196,7 @@ class Renderer:
         self._upsampler = None
         self._decode_thread: ThreadPoolExecutor | None = None
         self._decode_stream: torch.cuda.Stream | None = None
+        self._decoder_warm = False
         self.startup: dict[str, float] = {}
         self.cache = ChunkCache(options.cache_dir)
         self._model_id = model_fingerprint(options.engine.model)
@@ -218,6 +242,28 @@ class Renderer:
                 "codec", self._on_decode_thread(lambda: SnacDecoder(self.options.codec, device))
             )
         return self._decoder
+
+    def warm_decoder(self) -> None:
+        """On a GPU, decode and upsample once the largest batches a render can hand the decoder: SNAC's
+        fullest call, and `decode_batch` chunks of the longest a chunk can be. CUDA's caching allocator
+        then holds the decoder's working memory before the engine sizes its KV cache from what is free,
+        and the page-locked buffers for the audio exist; otherwise the first render grows both while
+        the engine generates."""
+        if self._decoder_warm or not self.options.warm_decoder or not self.audio_device().startswith("cuda"):
+            return
+        self._decoder_warm = True
+        decoder, upsampler, most = self.decoder, self.upsampler, max(1, self.options.decode_batch)
+        rng = np.random.default_rng(0)
+        fullest_call = DECODE_FRAMES_PER_CALL // bucketed_rows(most) - RIGHT_CONTEXT_FRAMES
+        longest = self.options.max_new_tokens // maya1.TOKENS_PER_FRAME
+        batches = [[random_codes(frames, rng) for _ in range(most)] for frames in (fullest_call, longest)]
+
+        def run() -> None:
+            with self.decode_stream():
+                for codes in batches:
+                    decode_and_upsample(decoder, upsampler, codes, seeds=list(range(len(codes))))
+
+        self._timed("decoder_warmup", self._on_decode_thread(run))
 
     def decode_stream(self) -> contextlib.AbstractContextManager:
         """A CUDA stream of its own for decoding, so its kernels and copies queue behind nothing else."""
@@ -337,6 +383,7 @@ class Renderer:
             return RenderResult(spec.path, len(states), 0, len(states), 0.0, 0.0, skipped=True)
         check_output(spec)
         _ = self.decoder  # before the engine, which takes most of the free GPU memory
+        self.warm_decoder()
         lock = output_lock(spec.path) if spec.path is not None else _no_lock()
         with lock:
             result = dataclasses.replace(self._render_states(book, states, spec), plan_s=plan_s)
@@ -461,6 +508,13 @@ class Renderer:
             loudness=assembled.loudness,
             early=assembled.early,
             behind_at_generation_end_s=(worker.assembled_samples - assembled_then) / rate,
+            trace=RenderTrace(
+                tuple(round(t - started, 4) for t in tracker.resolved_at if t >= started),
+                tuple(
+                    (round(began - started, 4), round(ended - started, 4), chunks, round(audio_s, 2))
+                    for began, ended, chunks, audio_s in worker.calls
+                ),
+            ),
         )
 
     def _request(self, index: int, state: ChunkState) -> Request:
@@ -476,7 +530,9 @@ class Renderer:
 
     def warm_up(self) -> None:
         """Load every model now rather than on first use (benchmarks time start-up on its own)."""
-        _ = self.encode, self.decoder, self.upsampler, self.engine
+        _ = self.encode, self.decoder, self.upsampler
+        self.warm_decoder()
+        _ = self.engine
 
     def _generate(self, states: list[ChunkState], pending: list[int], tracker: DecodeQueue) -> None:
         feed = RequestFeed(self._request(i, states[i]) for i in pending)
@@ -544,9 +600,11 @@ class DecodeQueue:
         self._held_s = 0.0
         self._cond = threading.Condition()
         self._stopped = False
+        self.resolved_at: list[float] = []  # perf_counter of each resolve, in the order they came
 
     def resolve(self, index: int) -> None:
         with self._cond:
+            self.resolved_at.append(time.perf_counter())
             bisect.insort(self._ready, index)
             self._cond.notify_all()
 
@@ -606,6 +664,7 @@ class DecodeWorker:
         self.frames_decoded = 0  # SNAC frames asked for in this render, and computed with the padding
         self.frames_computed = 0
         self.assembled_samples = 0  # of chunk audio handed to the assembler so far
+        self.calls: list[tuple[float, float, int, float]] = []  # perf_counter start, end, chunks, audio s
         self._done: Future | None = None
 
     def start(self) -> None:
@@ -622,8 +681,11 @@ class DecodeWorker:
         try:
             with self.renderer.decode_stream():
                 while self.error is None and (batch := self.tracker.take(most)) is not None:
+                    began = time.perf_counter()
                     decoded.put(self._decode(batch))
                     self.last_decoded_at = time.perf_counter()
+                    seconds = sum(self.states[i].chunk.seconds for i in batch)
+                    self.calls.append((began, self.last_decoded_at, len(batch), seconds))
         except BaseException as exc:  # handed to the main thread by join_checked
             self.error = exc
         finally:
