@@ -228,7 +228,7 @@ def test_each_novel_baseline_is_a_known_stage_that_changes_a_real_render_option(
     from fastmaya_cli.render import EngineOptions, RenderOptions
 
     options = RenderOptions(voice="v", engine=EngineOptions())
-    assert set(bench.NOVEL_BASELINES) == {"decode-before", "ffmpeg-join", "join-after", "ahead-before"}
+    assert set(bench.NOVEL_BASELINES) == {"decode-before", "ffmpeg-join", "join-after"}
     for variant, change in bench.NOVEL_BASELINES.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
         changed = dataclasses.replace(options, **change)  # a misspelt field raises here
@@ -313,17 +313,17 @@ def test_each_novel_render_is_compared_with_the_llm_only_pass_run_last_before_it
         row("llm-novel", 10.0),  # the engine's first pass, slower
         row("llm-novel", 8.0),
         row("render-novel", 10.0),
-        row("render-novel-ahead-before", 16.0),
+        row("render-novel-join-after", 16.0),
         row("llm-novel", 5.0),
         row("render-novel", 10.0),
     ]
     assert bench.novel_shares(stages) == [
         ("render-novel", 0.8),
-        ("render-novel-ahead-before", 0.5),
+        ("render-novel-join-after", 0.5),
         ("render-novel", 0.5),
     ]
     report: dict = {}
     bench._summarise(report, stages)
     assert report["summary"]["novel_render_share_of_llm_only"] == 0.8  # the first render's
-    assert report["summary"]["novel_ahead_before_render_share_of_llm_only"] == 0.5
+    assert report["summary"]["novel_join_after_render_share_of_llm_only"] == 0.5
     assert bench.novel_shares([row("render-novel", 10.0)]) == []  # no pass before it

@@ -323,21 +323,3 @@ def test_on_the_cpu_the_decoder_is_not_warmed(monkeypatch):
     monkeypatch.setattr(renderer, "audio_device", lambda: "cpu")
     renderer.warm_decoder()
     assert "decoder_warmup" not in renderer.startup
-
-
-@pytest.mark.parametrize("ahead_s", [0.0, 25.0])
-def test_the_decoder_holds_what_the_options_allow_ahead_of_the_assembler(
-    tiny_model, tiny_snac, tmp_path, monkeypatch, ahead_s
-):
-    from fastmaya_cli import render
-
-    bounds: list[float] = []
-    real = render.DecodeQueue
-
-    def recording(seconds, bound):
-        bounds.append(bound)
-        return real(seconds, bound)
-
-    monkeypatch.setattr(render, "DecodeQueue", recording)
-    _render_two_sentences(tmp_path, tiny_model, tiny_snac, decoded_ahead_s=ahead_s)
-    assert bounds == [ahead_s or render.DECODED_AHEAD_S]

@@ -46,7 +46,6 @@ NOVEL_BASELINES: dict[str, dict[str, object]] = {
     "decode-before": {"decode_as_before": True},  # decoded as before codec.plan_calls and pinned memory
     "ffmpeg-join": {"join_with_ffmpeg": True},  # m4b parts joined by ffmpeg's remux, as before mp4
     "join-after": {"join_after_render": True},  # m4b early parts joined after the last chunk, as before
-    "ahead-before": {"decoded_ahead_s": 1800.0},  # the decoder 30 minutes ahead of the assembler at most
 }
 NOVEL_STAGES = frozenset({"novel-llm", "novel", "decode-mix"} | {f"novel-{v}" for v in NOVEL_BASELINES})
 # The stages that run on the LMDeploy renderer (its engine, SNAC and upsampler), built once for all of them.

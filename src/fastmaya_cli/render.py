@@ -92,7 +92,6 @@ class RenderOptions:
     max_chunk_seconds: float = 18.0
     words_per_second: float = 2.5
     decode_batch: int = 16  # the most chunks per decode call: small keeps the last chunks waiting little
-    decoded_ahead_s: float = 0.0  # audio decoded ahead of the assembler at most; 0: DECODED_AHEAD_S
     early_encoders: int | None = None  # encoders of the output's early parts; None: assemble.early_encoders
     decode_as_before: bool = False  # SNAC calls in book order, pageable copies: the bench's baseline
     join_with_ffmpeg: bool = False  # m4b/m4a parts joined by ffmpeg's remux, not mp4: the bench's baseline
@@ -158,6 +157,16 @@ class RenderTrace:
     def decoding_s(self, until: float) -> float:
         """Seconds the decoder spent in its calls before `until`."""
         return sum(max(0.0, min(end, until) - start) for start, end, _, _ in self.decode_calls)
+
+
+def warm_up_batches(decode_batch: int, max_new_tokens: int) -> list[list[maya1.Codes]]:
+    """Random codes for the decoder's largest batches: `decode_batch` chunks that fill SNAC's fullest call,
+    and `decode_batch` of the longest chunks `max_new_tokens` allows (the upsampler's largest input)."""
+    most = max(1, decode_batch)
+    rng = np.random.default_rng(0)
+    fullest_call = DECODE_FRAMES_PER_CALL // bucketed_rows(most) - RIGHT_CONTEXT_FRAMES
+    longest = max_new_tokens // maya1.TOKENS_PER_FRAME
+    return [[random_codes(frames, rng) for _ in range(most)] for frames in (fullest_call, longest)]
 
 
 def pack_seconds(book_seconds: float, parallel: int, max_seconds: float) -> float:
@@ -253,11 +262,8 @@ class Renderer:
         if self._decoder_warm or not self.options.warm_decoder or not self.audio_device().startswith("cuda"):
             return
         self._decoder_warm = True
-        decoder, upsampler, most = self.decoder, self.upsampler, max(1, self.options.decode_batch)
-        rng = np.random.default_rng(0)
-        fullest_call = DECODE_FRAMES_PER_CALL // bucketed_rows(most) - RIGHT_CONTEXT_FRAMES
-        longest = self.options.max_new_tokens // maya1.TOKENS_PER_FRAME
-        batches = [[random_codes(frames, rng) for _ in range(most)] for frames in (fullest_call, longest)]
+        decoder, upsampler = self.decoder, self.upsampler
+        batches = warm_up_batches(self.options.decode_batch, self.options.max_new_tokens)
 
         def run() -> None:
             with self.decode_stream():
@@ -442,7 +448,7 @@ class Renderer:
         opts = self.options
         expected_audio = sum(s.chunk.seconds for s in states)
         self.progress.start(str(book.meta.source), len(states), expected_audio)
-        tracker = DecodeQueue([s.chunk.seconds for s in states], opts.decoded_ahead_s or DECODED_AHEAD_S)
+        tracker = DecodeQueue([s.chunk.seconds for s in states], DECODED_AHEAD_S)
         for index, state in enumerate(states):
             hit = self.cache.get(state.key)
             if hit is not None:
@@ -579,13 +585,11 @@ class Renderer:
 # and H2 to H4): spawning them costs what they save.
 PLAN_WORKERS = 8
 
-# Decoded audio the decoder may hold ahead of the assembler (which writes in book order): about 1.4 GB
-# of 48 kHz float32 at most. Without a bound, one slow early chunk would let hours pile up. With 512
-# chunks generating side by side, an 18 s chunk takes some 40 s while short ones around it finish in 10,
-# so the chunks done behind the one the assembler waits for add up to more than an hour of speech. Under
-# the former bound of 30 minutes the decoder then stopped for 10 to 15 s at a time and decoded the backlog
-# in one burst, on the GPU beside the engine, and fell behind at the end (BENCHMARKS.md, run L1's traces).
-DECODED_AHEAD_S = 7200.0
+# Decoded audio the decoder may hold ahead of the assembler (which writes in book order): about
+# 0.35 GB of 48 kHz float32. Without a bound, one slow early chunk would let hours pile up. Two hours
+# rendered slower (BENCHMARKS.md, run L2): the decoder then ran further ahead of the assembler, whose
+# backlog at the end of generation grew from 2,700-3,700 s of speech to 4,400-4,800 s.
+DECODED_AHEAD_S = 1800.0
 
 
 class DecodeQueue:
