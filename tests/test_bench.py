@@ -77,12 +77,14 @@ def test_finish_stage_runs_on_the_cpu_and_compares_one_piece_with_parts(tmp_path
     result = CliRunner().invoke(app, [*args, "--json", str(report_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
-    one, parts, ffmpeg_join = report["finish"]
-    assert [row["encoders"] for row in report["finish"]] == [1, 2, 2]
-    assert [row["join"] for row in report["finish"]] == ["none (one piece)", "mp4", "ffmpeg"]
-    assert one["audio_s"] == parts["audio_s"] == ffmpeg_join["audio_s"] >= 72
+    one, parts, ffmpeg_join, burst = report["finish"]
+    assert [row["encoders"] for row in report["finish"]] == [1, 2, 2, 2]
+    assert [row["join"] for row in report["finish"]] == ["none (one piece)", "mp4", "ffmpeg", "burst"]
+    assert one["audio_s"] == parts["audio_s"] == ffmpeg_join["audio_s"] == burst["audio_s"] >= 72
     for row in report["finish"]:
         assert row["finish_audio_s_per_s"] == pytest.approx(row["audio_s"] / row["finish_s"], rel=0.02)
+        assert row["add_audio_s_per_s"] == pytest.approx(row["audio_s"] / row["add_s"], rel=0.02)
+    assert report["summary"]["burst_add_audio_s_per_s"] == burst["add_audio_s_per_s"]
     assert "join" not in one["finish_steps_s"] and parts["finish_steps_s"]["join"] >= 0
     summary = report["summary"]
     assert summary["finish_parts_over_one_piece"] == pytest.approx(

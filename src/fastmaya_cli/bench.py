@@ -549,24 +549,28 @@ def finish_book(speech: np.ndarray, seconds: float, seed: int = 0) -> list[Segme
 def run_finish(data_dir: Path, out_dir: Path, minutes: float, workers: int) -> list[dict]:
     """The finish of an m4b with loudness on (the default render) over ``minutes`` of real speech:
     encoded in one piece, then in parts by ``workers`` encoders, the parts joined by ``mp4`` and then by
-    ffmpeg's remux as before it. CPU only."""
+    ffmpeg's remux as before it. Then the render's own assembler (early parts on, the book's length known)
+    given the whole book at once, as it is given the speech left when generation ends: its ``add_s`` is
+    what a render's tail costs for that much speech. CPU only."""
     import soundfile as sf
 
-    from .assemble import Assembler, BookInfo, OutputSpec
+    from .assemble import Assembler, BookInfo, OutputSpec, Pauses, expected_length
 
     speech, rate = sf.read(str(data_dir / SPEECH_48K), dtype="float32", always_2d=True)
     if rate != 48000:
         raise InputError(f"{SPEECH_48K} is {rate} Hz, not 48 kHz.", "Pass --data-dir with the real data.")
     book = finish_book(speech[:, 0], minutes * 60)
+    book_s = expected_length([len(s.audio) for s in book], [s.boundary for s in book], Pauses(), rate) / rate
     rows = []
-    ways = [(1, "mp4")] + ([(workers, "mp4"), (workers, "ffmpeg")] if workers > 1 else [])
+    ways = [(1, "mp4")] + ([(workers, "mp4"), (workers, "ffmpeg"), (workers, "burst")] if workers > 1 else [])
     for encoders, join in ways:
         path = out_dir / f"finish-{encoders}-{join}.m4b"
         spec = OutputSpec(path, "m4b", loudness="acx", info=BookInfo("Bench", "fastmaya", None, None, None))
         # The whole book after its last chunk, as runs P-W measured it: an unpaced loop of adds leaves
         # early encoders (which a render's pace feeds) nothing to overlap with.
+        early = {"expected_seconds": book_s} if join == "burst" else {"early_part_seconds": None}
         with Assembler(
-            spec, encode_workers=encoders, early_part_seconds=None, join_with_ffmpeg=join == "ffmpeg"
+            spec, encode_workers=encoders, join_with_ffmpeg=join == "ffmpeg", **early
         ) as assembler:
             started = time.perf_counter()
             for segment in book:
@@ -583,9 +587,11 @@ def run_finish(data_dir: Path, out_dir: Path, minutes: float, workers: int) -> l
                 "join": join if encoders > 1 else "none (one piece)",
                 "audio_s": round(result.duration, 1),
                 "add_s": round(added - started, 2),
+                "add_audio_s_per_s": round(result.duration / (added - started), 1),
                 "finish_s": round(finish_s, 2),
                 "finish_audio_s_per_s": round(result.duration / finish_s, 1),
                 "finish_steps_s": result.finish_steps,
+                "early_parts": result.early_parts,
             }
         )
     return rows
@@ -644,10 +650,11 @@ def _add_finish(report: dict, opts: BenchOptions) -> None:
     for row in rows:
         print(json.dumps({"stage": "finish", **row}), flush=True)
     report["finish"] = rows
-    if len(rows) == 3:
+    if len(rows) == 4:
         summary = report.setdefault("summary", {})
         summary["finish_parts_over_one_piece"] = round(rows[0]["finish_s"] / rows[1]["finish_s"], 2)
         summary["finish_ffmpeg_join_over_mp4_join"] = round(rows[2]["finish_s"] / rows[1]["finish_s"], 3)
+        summary["burst_add_audio_s_per_s"] = rows[3]["add_audio_s_per_s"]
 
 
 def _run_gpu_stages(opts: BenchOptions) -> dict:
@@ -823,9 +830,9 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
 def novel_shares(stages: Sequence[StageResult]) -> list[tuple[str, float]]:
     """Each render of the novel against the LLM-only pass of the novel run last before it, in order.
 
-    The engine itself speeds up over its first passes after start (run L1: 56.7 s, then 48.6 s for the
-    same chunks, LLM only), so a render is compared with the pass nearest before it, and a bench that
-    wants the engine warm names novel-llm twice before the first render."""
+    The engine's first pass after start can be the slow one (run L1: 56.7 s, then 48.6 s for the same
+    chunks, LLM only; run L2: the same twice), so a render is compared with the pass nearest before it, and
+    a bench that wants the engine warm names novel-llm twice before the first render."""
     shares, anchor = [], None
     for stage in stages:
         if stage.stage == "llm-novel":
