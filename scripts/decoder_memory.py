@@ -15,14 +15,13 @@ the renderer's warm-up batches (render.warm_up_batches):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from profile_decoder import decoder_parser  # beside this script
 
 from fastmaya_cli import maya1
 from fastmaya_cli.checkpoints import random_snac
@@ -45,13 +44,9 @@ def allocator() -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = decoder_parser()
     parser.add_argument("--batches", type=int, default=400)
     parser.add_argument("--warm", action="store_true", help="first decode the renderer's warm-up batches")
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke test on a tiny SNAC")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/fastmaya-bench-models"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)

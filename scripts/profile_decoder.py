@@ -87,13 +87,18 @@ def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     return round(10 * np.log10(reference.pow(2).sum().item() / max(error, 1e-30)), 1)
 
 
-def main() -> None:
+def decoder_parser() -> argparse.ArgumentParser:
+    """The arguments of the decoder's development scripts (this one and decoder_memory.py)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--weights", required=True)
+    parser.add_argument("--weights", required=True, help="SpeechSR-48k weights")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test on a tiny SNAC")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fastmaya-bench-models"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = decoder_parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     rng = np.random.default_rng(0)

@@ -93,7 +93,8 @@ class BenchOptions:
 
 
 class MemoryPeak:
-    """Peak device memory in use (all processes), sampled: LMDeploy allocates outside torch's counters."""
+    """Peak device memory in use (all processes), sampled: LMDeploy allocates outside torch's counters.
+    Also what the stage did to this process's allocator, and each process's memory after it (`notes`)."""
 
     def __init__(self, interval_s: float = 0.1) -> None:
         import torch
@@ -101,6 +102,8 @@ class MemoryPeak:
         self.torch = torch
         self.interval_s = interval_s
         self.peak = 0
+        self.notes: dict = {}
+        self._allocator: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -117,6 +120,7 @@ class MemoryPeak:
             time.sleep(self.interval_s)
 
     def __enter__(self) -> MemoryPeak:
+        self._allocator = allocator_counts()
         self.peak = self._used()
         self._thread.start()
         return self
@@ -124,6 +128,10 @@ class MemoryPeak:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.notes = {
+            "renderer_allocator": allocator_change(self._allocator, allocator_counts()),
+            **gpu_memory_by_process(),
+        }
 
     @property
     def gib(self) -> float:
@@ -263,7 +271,6 @@ def _run_llm(renderer, chunks, stage: str, engine_name: str) -> StageResult:  # 
     requests = [renderer.request_for(i, c, maya1.chunk_seed(0, c.text)) for i, c in enumerate(chunks)]
     tokens = 0
     frames = 0
-    allocator = allocator_counts()
     with MemoryPeak() as memory:
         started = time.perf_counter()
         for generation in renderer.engine.generate(requests):
@@ -271,8 +278,7 @@ def _run_llm(renderer, chunks, stage: str, engine_name: str) -> StageResult:  # 
             frames += maya1.unpack(generation.token_ids).frames
         wall = time.perf_counter() - started
     audio = frames * maya1.SAMPLES_PER_FRAME / maya1.SNAC_RATE
-    notes = {"renderer_allocator": allocator_change(allocator, allocator_counts()), **gpu_memory_by_process()}
-    return StageResult(stage, engine_name, len(requests), tokens, audio, wall, memory.gib, notes=notes)
+    return StageResult(stage, engine_name, len(requests), tokens, audio, wall, memory.gib, notes=memory.notes)
 
 
 def _run_render(  # noqa: ANN001
@@ -281,7 +287,6 @@ def _run_render(  # noqa: ANN001
     from .assemble import OutputSpec
 
     spec = OutputSpec(path=output, format=output.suffix.lstrip("."), loudness=loudness)
-    allocator = allocator_counts()
     with MemoryPeak() as memory:
         started = time.perf_counter()
         result = renderer.render(source, spec)
@@ -308,8 +313,7 @@ def _run_render(  # noqa: ANN001
             "early_parts": result.early_parts,
             "snac_padding": round(result.snac_padding, 3),
             **trace_summary(result.trace, result.generate_s),
-            "renderer_allocator": allocator_change(allocator, allocator_counts()),
-            **gpu_memory_by_process(),
+            **memory.notes,
             **gain_trail(result),
         },
         trace=dataclasses.asdict(result.trace) if result.trace is not None else None,
@@ -566,8 +570,8 @@ def run_finish(data_dir: Path, out_dir: Path, minutes: float, workers: int) -> l
     for encoders, join in ways:
         path = out_dir / f"finish-{encoders}-{join}.m4b"
         spec = OutputSpec(path, "m4b", loudness="acx", info=BookInfo("Bench", "fastmaya", None, None, None))
-        # The whole book after its last chunk, as runs P-W measured it: an unpaced loop of adds leaves
-        # early encoders (which a render's pace feeds) nothing to overlap with.
+        # The finish rows: the whole book after its last chunk, as runs P-W measured it, early parts off (an
+        # unpaced loop of adds leaves them nothing to overlap with). The burst row: the render's assembler.
         early = {"expected_seconds": book_s} if join == "burst" else {"early_part_seconds": None}
         with Assembler(
             spec, encode_workers=encoders, join_with_ffmpeg=join == "ffmpeg", **early

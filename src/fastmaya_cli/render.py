@@ -669,12 +669,16 @@ class DecodeWorker:
         self.assembler = assembler
         self.titles = {c.index: c.title for c in book.chapters}
         self.error: BaseException | None = None
-        self.last_decoded_at = 0.0  # perf_counter when the decoder handed over its last batch
         self.frames_decoded = 0  # SNAC frames asked for in this render, and computed with the padding
         self.frames_computed = 0
         self.assembled_samples = 0  # of chunk audio handed to the assembler so far
         self.calls: list[tuple[float, float, int, float]] = []  # perf_counter start, end, chunks, audio s
         self._done: Future | None = None
+
+    @property
+    def last_decoded_at(self) -> float:
+        """perf_counter when the decoder handed over its last batch (0 before the first)."""
+        return self.calls[-1][1] if self.calls else 0.0
 
     def start(self) -> None:
         self._done = self.renderer.decode_thread.submit(self._run)
@@ -692,9 +696,8 @@ class DecodeWorker:
                 while self.error is None and (batch := self.tracker.take(most)) is not None:
                     began = time.perf_counter()
                     decoded.put(self._decode(batch))
-                    self.last_decoded_at = time.perf_counter()
                     seconds = sum(self.states[i].chunk.seconds for i in batch)
-                    self.calls.append((began, self.last_decoded_at, len(batch), seconds))
+                    self.calls.append((began, time.perf_counter(), len(batch), seconds))
         except BaseException as exc:  # handed to the main thread by join_checked
             self.error = exc
         finally:
