@@ -12,6 +12,8 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -574,6 +576,32 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, when: object) -> None:
         real_write(self, data)
 
     monkeypatch.setattr(sf.SoundFile, "write", write)
+
+
+@needs_ffmpeg
+def test_the_intermediate_files_encoder_has_a_lane_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FLAC encoder runs on a lane of its own: slow, it holds up the meter not at all, and the conversion
+    lane that feeds it only once 8 blocks wait for it. Each lane's working time is reported."""
+    real_write = sf.SoundFile.write
+    writers: set[str] = set()
+
+    def slow_write(self: sf.SoundFile, data: np.ndarray) -> None:
+        if self.name.endswith(".flac"):
+            writers.add(threading.current_thread().name)
+            time.sleep(0.05)
+        real_write(self, data)
+
+    monkeypatch.setattr(sf.SoundFile, "write", slow_write)
+    segments = [seg(i, 0.1 * np.ones(SR // 2)) for i in range(12)]
+    _, result = assemble(wav_spec(tmp_path / "book.wav", loudness="acx"), segments)
+    busy = result.lane_busy_s  # type: ignore[attr-defined]
+    assert writers and all(name.startswith("fastmaya-flac") for name in writers)
+    assert set(busy) == {"write", "flac", "meter"}
+    assert busy["flac"] >= 12 * 0.05  # one write a segment at least, all on the FLAC lane
+    assert busy["meter"] < busy["flac"] / 3
+    assert busy["write"] < busy["flac"] - 4 * 0.05  # it waited for room, and never wrote
 
 
 def test_disk_full_while_assembling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import struct
 import threading
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from fastmaya_cli import assemble, split_encode
-from fastmaya_cli.assemble import Assembler, BookInfo, OutputSpec, Pauses, Segment
+from fastmaya_cli.assemble import EARLY_ENCODER_NICENESS, Assembler, BookInfo, OutputSpec, Pauses, Segment
 from fastmaya_cli.early_parts import (
     GAIN_TOLERANCE_DB,
     LEFT_AT_END,
@@ -30,8 +31,7 @@ from fastmaya_cli.early_parts import (
     reuse_gain,
     speculative_gain,
 )
-from fastmaya_cli.loudness import LoudnessMeter
-from fastmaya_cli.outputs import STREAM_CODECS
+from fastmaya_cli.outputs import STREAM_CODECS, FfmpegWriter
 from fastmaya_cli.split_encode import MARGIN_FRAMES, part_sources
 from test_split_encode import FFMPEG, SR, book_segments, decode, needs_ffmpeg
 
@@ -247,21 +247,6 @@ def test_a_part_with_much_left_to_encode_at_the_end_is_cut_short(longest_wait: i
         assert len(taken) > 8  # every block
 
 
-@needs_ffmpeg
-def test_the_meter_reports_the_loudness_so_far() -> None:
-    assert FFMPEG is not None
-    meter = LoudnessMeter(FFMPEG, SR, true_peak=False)
-    tone = (0.1 * np.sin(np.arange(5 * SR) * 2 * np.pi * 997 / SR)).astype(np.float32)
-    meter.feed(tone)
-    deadline = time.monotonic() + 10
-    while (so_far := meter.integrated_so_far()) is None or so_far < -40:
-        assert time.monotonic() < deadline, so_far
-        time.sleep(0.05)
-    final = meter.result().integrated_lufs
-    assert so_far == pytest.approx(final, abs=0.3)  # a steady tone: the running value is the final one
-    assert meter.integrated_so_far() is None  # closed
-
-
 # --------------------------------------------------------------------------------------- end to end
 
 
@@ -370,6 +355,42 @@ def test_early_parts_are_the_bytes_the_finish_would_write(tmp_path: Path, patien
     assert len(patient) == 2 and patient[0].cuts == patient[1].cuts and len(patient[0].cuts) >= 3
     assert (tmp_path / "early.m4b").read_bytes() == (tmp_path / "finish.m4b").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early.m4b", "finish.m4b"]  # no part left
+
+
+@needs_ffmpeg
+def test_early_encoders_yield_the_cpu_and_the_finishs_do_not(
+    tmp_path: Path, patient: list[EarlyParts], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The early parts' encoders may lag (a part they have not taken goes to the finish); the meter and
+    the FLAC encoder, which write the whole book in order, may not. The finish's own encoders are the
+    last work left and keep their priority."""
+    lowered: list[tuple[str, int, int]] = []
+    real_lower = FfmpegWriter.lower_priority
+
+    def lower(self: FfmpegWriter, niceness: int) -> bool:
+        assert self._process is not None
+        done = real_lower(self, niceness)
+        now = os.getpriority(os.PRIO_PROCESS, self._process.pid)
+        lowered.append((threading.current_thread().name, niceness, now))
+        return done
+
+    monkeypatch.setattr(FfmpegWriter, "lower_priority", lower)
+    encoders: list[str] = []
+    real_writer = Assembler._part_writer
+
+    def part_writer(self: Assembler, *args: object) -> FfmpegWriter:
+        encoders.append(threading.current_thread().name)
+        return real_writer(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Assembler, "_part_writer", part_writer)
+    result = render(tmp_path / "book.m4b", book_segments(40.0), "off", 8.0)
+    early = [name for name in encoders if name.startswith("fastmaya-early")]
+    assert len(early) >= 3 and result.encoded_early >= 8  # type: ignore[attr-defined]
+    assert len(encoders) > len(early)  # the finish encoded the rest
+    assert [name for name, _, _ in lowered] == early
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert all(niceness == EARLY_ENCODER_NICENESS for _, niceness, _ in lowered)
+    assert all(now == max(base, EARLY_ENCODER_NICENESS) for _, _, now in lowered)
 
 
 @needs_ffmpeg

@@ -4,6 +4,7 @@ first failure."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -82,3 +83,25 @@ def test_cancel_drops_what_has_not_started() -> None:
     gate.set()
     lane.cancel()  # now waits for the running call
     assert ran == [] and lane.stopped
+
+
+def test_busy_time_counts_the_calls_not_the_waits_between_them() -> None:
+    lane = Lane("test-lane", depth=2)
+    assert lane.busy_s == 0.0
+    lane.submit(time.sleep, 0.2)
+    lane.join()
+    time.sleep(0.2)  # idle: not counted
+    assert 0.2 <= lane.busy_s < 0.35
+
+
+def test_a_failing_call_counts_as_busy_too() -> None:
+    lane = Lane("test-lane", depth=2)
+
+    def slow_failure() -> None:
+        time.sleep(0.1)
+        raise RuntimeError("boom")
+
+    lane.submit(slow_failure)
+    with pytest.raises(RuntimeError, match="boom"):
+        lane.join()
+    assert lane.busy_s >= 0.1

@@ -19,11 +19,13 @@ from fastmaya_cli.errors import InputError
 from fastmaya_cli.loudness import (
     LOUDNESS_TARGETS,
     TRUE_PEAK_SAFETY_DB,
+    IntegratedLoudnessMeter,
     LoudnessMeter,
     LoudnessReport,
     Measurement,
     RangePeakMeters,
     global_gain_db,
+    k_weighting,
     loudness_target,
     measure_file,
     parse_ebur128_summary,
@@ -90,13 +92,107 @@ def test_parse_summary_reads_the_final_figures_not_the_running_ones() -> None:
     assert parse_ebur128_summary(SUMMARY) == Measurement(-16.1, 0.4)
 
 
-def test_parse_summary_without_the_peak_meter() -> None:
-    """The render's meter runs without its true-peak half; its summary then has no peak to read."""
+def test_parse_summary_needs_the_peak() -> None:
     loudness_only = SUMMARY[: SUMMARY.index("  True peak:")]
-    measured = parse_ebur128_summary(loudness_only, true_peak=False)
-    assert measured.integrated_lufs == -16.1 and math.isnan(measured.true_peak_dbtp)
     with pytest.raises(ValueError):
-        parse_ebur128_summary(loudness_only)  # a peak was asked for
+        parse_ebur128_summary(loudness_only)
+
+
+def test_k_weighting_at_48_khz_is_the_standards_table() -> None:
+    """BS.1770-4, tables 1 and 2: the pre-filter and the RLB high-pass at 48 kHz."""
+    expected = [
+        [1.53512485958697, -2.69169618940638, 1.19839281085285, 1.0, -1.69065929318241, 0.73248077421585],
+        [1.0, -2.0, 1.0, 1.0, -1.99004745483398, 0.99007225036621],
+    ]
+    np.testing.assert_allclose(k_weighting(48000), expected, atol=1e-8)
+
+
+def test_a_full_scale_997_hz_tone_reads_minus_3_lufs() -> None:
+    """BS.1770's calibration: a 0 dBFS 997 Hz sine in one channel measures -3.01 LKFS; at 24 kHz too."""
+    # At 24 kHz the bilinear transform bends the shelf (at 1.7 kHz) a little toward Nyquist.
+    for rate, tolerance in ((48000, 0.01), (44100, 0.01), (24000, 0.05)):
+        tone = np.sin(np.arange(10 * rate) * 2 * np.pi * 997 / rate).astype(np.float32)
+        meter = IntegratedLoudnessMeter(rate)
+        meter.feed(tone)
+        assert meter.result().integrated_lufs == pytest.approx(-3.01, abs=tolerance), rate
+
+
+def test_gating_leaves_out_silence_and_quiet_passages() -> None:
+    """Blocks under -70 LUFS, and then those 10 LU under the loudness of the rest, do not count."""
+    rate = 48000
+    loud = 0.5 * np.sin(np.arange(4 * rate) * 2 * np.pi * 997 / rate).astype(np.float32)
+    alone = IntegratedLoudnessMeter(rate)
+    alone.feed(loud)
+    with_quiet = IntegratedLoudnessMeter(rate)
+    pieces = (loud, np.zeros(20 * rate, np.float32), 0.01 * loud, loud)  # -40 dB: under the relative gate
+    for block in pieces:
+        with_quiet.feed(block)
+    gated = with_quiet.result().integrated_lufs
+    whole = np.concatenate(pieces).astype(np.float64)
+    assert gated == pytest.approx(pyloudnorm.Meter(rate).integrated_loudness(whole), abs=0.05)
+    # Only the blocks that straddle the loud tone's edges count besides the tone itself: not 13 dB down,
+    # as the mean over the whole stream would be.
+    assert gated == pytest.approx(alone.result().integrated_lufs, abs=0.2)
+    silent = IntegratedLoudnessMeter(rate)
+    assert silent.integrated_so_far() is None  # not a whole 400 ms block yet
+    silent.feed(np.zeros(rate, np.float32))
+    assert silent.result().integrated_lufs == -math.inf
+
+
+def test_in_silence_the_filter_never_decays_into_subnormal_numbers(speech: np.ndarray) -> None:
+    """Subnormal floats are 50 times slower on the GPU hosts' CPUs; a long pause must not reach them,
+    nor change the loudness."""
+    meter = IntegratedLoudnessMeter(SR)
+    meter.feed(speech)
+    before = meter.integrated_so_far()
+    for _ in range(10):
+        meter.feed(np.zeros(SR, dtype=np.float32))  # 10 s of silence: the state alone would underflow
+        state = np.abs(meter._state)
+        assert state.max() >= np.finfo(np.float32).tiny, state
+        assert np.all((state == 0) | (state >= np.finfo(np.float32).tiny)), state
+    meter.feed(speech)
+    assert meter.result().integrated_lufs == pytest.approx(before, abs=0.05)  # the pause is gated out
+
+
+def test_the_meter_gives_the_same_loudness_however_the_samples_are_cut(speech: np.ndarray) -> None:
+    signal = np.concatenate([speech, 0.3 * speech, speech])
+    figures = set()
+    for size in (1, 4799, 4800, 10_007, len(signal)):
+        meter = IntegratedLoudnessMeter(SR)
+        for start in range(0, min(len(signal), 48_000 if size == 1 else len(signal)), size):
+            meter.feed(signal[start : start + size])
+        if size == 1:  # one sample at a time for the first second, then the rest at once
+            meter.feed(signal[48_000:])
+        figures.add(round(meter.result().integrated_lufs, 4))
+    assert len(figures) == 1, figures
+
+
+@needs_ffmpeg
+def test_the_meter_agrees_with_ffmpeg_and_pyloudnorm(speech: np.ndarray) -> None:
+    assert FFMPEG is not None
+    signal = np.concatenate([speech, 0.5 * speech, np.zeros(SR, np.float32), 0.2 * speech, speech])
+    meter = IntegratedLoudnessMeter(SR)
+    ffmpeg = LoudnessMeter(FFMPEG, SR)
+    for start in range(0, len(signal), 10_000):
+        meter.feed(signal[start : start + 10_000])
+        ffmpeg.feed(signal[start : start + 10_000])
+    measured = meter.result()
+    assert math.isnan(measured.true_peak_dbtp)  # loudness only
+    ffmpegs = ffmpeg.result().integrated_lufs  # rounded to 0.1
+    assert measured.integrated_lufs == pytest.approx(ffmpegs, abs=0.1)
+    reference = pyloudnorm.Meter(SR).integrated_loudness(signal.astype(np.float64))
+    assert measured.integrated_lufs == pytest.approx(reference, abs=0.1)
+
+
+def test_the_meter_reports_the_loudness_so_far() -> None:
+    meter = IntegratedLoudnessMeter(SR)
+    tone = (0.1 * np.sin(np.arange(5 * SR) * 2 * np.pi * 997 / SR)).astype(np.float32)
+    meter.feed(tone)
+    assert meter.integrated_so_far() == pytest.approx(-23.01, abs=0.01)  # a -20 dBFS sine
+    meter.feed(0.5 * tone)  # 6 dB down, inside the relative gate: the mean power is 5/8 of the tone's
+    assert meter.integrated_so_far() == pytest.approx(-23.01 + 10 * math.log10(5 / 8), abs=0.02)
+    assert meter.result().integrated_lufs == pytest.approx(-23.01 + 10 * math.log10(5 / 8), abs=0.02)
+    assert meter.integrated_so_far() is None  # closed
 
 
 @needs_ffmpeg

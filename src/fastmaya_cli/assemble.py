@@ -30,11 +30,12 @@ F samples; during one, that segment plus its pause). Everything before is append
 24-bit FLAC file beside the output (stored 12 dB down, so sums above full scale survive; about 0.3 GB per
 hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meters: one for loudness, and
 true-peak meters that measure ranges of the book at once (``loudness.RangePeakMeters``). The file's
-encoder and the loudness meter's pipe each run on a lane of their own (``lanes.Lane``), beside the thread
-that mixes the segments: each costs about as much as all the rest. ``finish``
-waits for the last of them, reads the file back once per output, applies the one global gain, encodes to
-a hidden temporary name beside the final one, and only when every file (audio, manifest, subtitles) is
-complete moves them into place with ``os.replace``. With
+FLAC encoder, the conversion to its 24-bit samples (which also feeds the early parts) and the loudness
+meter each run on a lane of their own (``lanes.Lane``), beside the thread that mixes the segments: when
+the book comes in a burst, the slowest of them bounds how fast it is written (run M2, BENCHMARKS.md).
+``finish`` waits for the last of them, reads the file back once per output, applies the one global gain,
+encodes to a hidden temporary name beside the final one, and only when every file (audio, manifest,
+subtitles) is complete moves them into place with ``os.replace``. With
 ``split_chapters`` the chapter files are encoded in parallel; one m4b, m4a or mp3 file is encoded in parts
 at once, cut in silence and joined without encoding again (see ``split_encode``), and most of those parts
 are encoded while the book renders, at the gain the book so far asks for (see ``early_parts``). What was not
@@ -83,7 +84,7 @@ from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.lanes import Lane
 from fastmaya_cli.loudness import (
     ABSOLUTE_GATE_LUFS,
-    LoudnessMeter,
+    IntegratedLoudnessMeter,
     LoudnessReport,
     RangePeakMeters,
     global_gain_db,
@@ -163,6 +164,10 @@ _PEAK_METERS = 4  # at most, at once: each measures about 400 audio s/s, and the
 # book (bench runs A2: 20 parts left to the finish as "encoders busy"); LLM-only passes beside as many
 # ffmpeg AAC encoders as a render runs helpers were no slower (bench --stages contention, runs A1, A3).
 _EARLY_SHARE = 2
+# The early parts' encoders are work that may lag: a part they have not taken is left to the finish. The
+# loudness meter and the FLAC encoder are not: each writes the whole book in order, alone, and when the
+# book comes in a burst all of them want every core (run M2, BENCHMARKS.md). So the encoders yield.
+EARLY_ENCODER_NICENESS = 10
 _PCM24_READ_BACK = np.float32(2.0**-31)  # libsndfile's float of a 24-bit code in int32's top bytes
 _ZERO_BLOCK = 1 << 16
 
@@ -249,6 +254,10 @@ class AssemblyResult:
     encoded_early: float = 0.0  # seconds of the book whose encode, made while it rendered, was kept
     early_parts: dict[str, int] = field(default_factory=dict)  # parts: kept, at another gain, or why left
     finish_steps: dict[str, float] = field(default_factory=dict)  # seconds each step of finish() took
+    # Seconds each lane worked (the writing lane's conversion, the FLAC encoder, the loudness meter)
+    # while the book was added and its tail written: the one as long as the adding set its pace. The
+    # writing lane's include its waits for room in the FLAC lane, which it feeds.
+    lane_busy_s: dict[str, float] = field(default_factory=dict)
     early: tuple[EarlyPart, ...] = ()  # the parts cut while the book rendered, with the gains they asked for
 
 
@@ -451,6 +460,7 @@ class Assembler:
         self._streamed: _StreamedJoin | None = None
         self._sample_peak = 0.0  # of the book so far, while early parts need it
         self._finish_steps: dict[str, float] = {}
+        self._lane_busy_s: dict[str, float] = {}
         self._lap_at = 0.0  # when the last step of finish() ended
 
         self._state = "new"  # new -> open -> finished | failed
@@ -462,11 +472,12 @@ class Assembler:
         self._direct = self._target is None and not spec.split_chapters and spec.format == "flac"
         self._direct_output: _Output | None = None
         self._direct_writer: SoundfileWriter | None = None
-        self._meter: LoudnessMeter | None = None
+        self._meter: IntegratedLoudnessMeter | None = None
         self._peaks: RangePeakMeters | None = None
-        # The encoder of the intermediate (or direct) file, and the loudness meter's pipe, each take
-        # about as long as everything else the assembler does: they run beside it (see lanes).
+        # The encoder of the intermediate (or direct) file, the conversion to its samples and the loudness
+        # meter each take about as long as everything else the assembler does: they run beside it (lanes).
         self._writing: Lane | None = None
+        self._flac: Lane | None = None  # the intermediate file's encoder, fed by the writing lane
         self._metering: Lane | None = None
         self._written = 0  # samples the writing lane has written
         self._metered = 0  # and the metering lane has fed the meter
@@ -642,15 +653,19 @@ class Assembler:
         if over.any():
             self._clipped += int(over.sum())
             stored = np.clip(stored, -1.0, 1.0)
-        assert self._intermediate is not None
         pcm = to_pcm(stored, 24)  # as the direct writer converts (see to_pcm)
+        assert self._flac is not None
+        self._flac.submit(self._encode_intermediate, pcm)
+        self._written += len(block)
+        if self._early is not None:
+            self._early.feed(pcm.astype(np.float32) * _PCM24_READ_BACK)  # what the finish reads back
+
+    def _encode_intermediate(self, pcm: np.ndarray) -> None:
+        assert self._intermediate is not None
         try:
             self._intermediate.write(pcm)
         except (sf.LibsndfileError, OSError, AssertionError) as error:
             raise write_failure(self._shown_name(), error) from error
-        self._written += len(block)
-        if self._early is not None:
-            self._early.feed(pcm.astype(np.float32) * _PCM24_READ_BACK)  # what the finish reads back
 
     # ------------------------------------------------------------------------------------ files / states
 
@@ -696,10 +711,11 @@ class Assembler:
             )
         except (sf.LibsndfileError, OSError) as error:
             raise write_failure(self._shown_name(), error) from error
+        self._flac = Lane("fastmaya-flac")
         if self._target is not None:
             # The true-peak meter is slower than an H100 renders speech: several measure ranges at once.
             ffmpeg = require_ffmpeg("it measures loudness")
-            self._meter = LoudnessMeter(ffmpeg, self.sample_rate, true_peak=False)
+            self._meter = IntegratedLoudnessMeter(self.sample_rate)
             self._metering = Lane("fastmaya-meter")
             meters = peak_meters(self._encode_workers)
             range_samples = round(PEAK_RANGE_SECONDS * self.sample_rate)
@@ -777,6 +793,7 @@ class Assembler:
     ) -> Path:
         path = self._reserve(f".early{index}.{codec.muxer}")
         writer = self._part_writer(codec, path, self._shown_name())
+        writer.lower_priority(EARLY_ENCODER_NICENESS)
         self._encode_blocks(writer, blocks, 10 ** (gain_db / 20) / _HEADROOM)
         if self._streamed is not None:
             self._streamed.encoded(index, path)
@@ -804,16 +821,15 @@ class Assembler:
     def _abort(self) -> None:
         self._state = "failed"
         self._cancel.set()
-        if self._writing is not None:
-            self._writing.cancel()  # its call at work writes to a file, and ends by itself
-            self._writing = None
+        for lane in (self._writing, self._flac):
+            if lane is not None:
+                lane.cancel()  # its call at work writes to a file or a lane, and ends by itself
+        self._writing = self._flac = None
         if self._metering is not None:
-            self._metering.cancel(wait=False)  # its call at work may wait on the meter's pipe...
-        if self._meter is not None:
-            self._meter.abort()  # ...which this closes
-        if self._metering is not None:
-            self._metering.cancel()
+            self._metering.cancel()  # its call at work measures a block, and ends by itself
             self._metering = None
+        if self._meter is not None:
+            self._meter.abort()
         if self._early is not None:
             self._early.abort()
             self._early = None
@@ -877,10 +893,12 @@ class Assembler:
         )
         if total != expected:  # the two descriptions of the timeline must agree to the sample
             raise RuntimeError(f"assembled {total} samples, expected {expected}")
-        for lane in (self._writing, self._metering):
+        lanes = {"write": self._writing, "flac": self._flac, "meter": self._metering}
+        for lane in lanes.values():  # in this order: the writing lane feeds the FLAC lane
             if lane is not None:
                 lane.join()
-        self._writing = self._metering = None
+        self._lane_busy_s = {name: round(lane.busy_s, 3) for name, lane in lanes.items() if lane is not None}
+        self._writing = self._flac = self._metering = None
         if self._direct_writer is None:
             assert self._intermediate is not None
             try:
@@ -983,6 +1001,7 @@ class Assembler:
             early_parts=_early_tally(early, kept),
             early=tuple(early),
             finish_steps={name: round(seconds, 3) for name, seconds in self._finish_steps.items()},
+            lane_busy_s=self._lane_busy_s,
         )
 
     def _close_direct(self, total: int) -> _Output:

@@ -310,6 +310,7 @@ def _run_render(  # noqa: ANN001
             "finish_s": round(result.finish_s, 2),
             "encoded_early_s": round(result.encoded_early_s, 1),
             "finish_steps_s": result.finish_steps,
+            "lane_busy_s": result.lane_busy_s,
             "early_parts": result.early_parts,
             "snac_padding": round(result.snac_padding, 3),
             **trace_summary(result.trace, result.generate_s),
@@ -595,6 +596,7 @@ def run_finish(data_dir: Path, out_dir: Path, minutes: float, workers: int) -> l
                 "finish_s": round(finish_s, 2),
                 "finish_audio_s_per_s": round(result.duration / finish_s, 1),
                 "finish_steps_s": result.finish_steps,
+                "lane_busy_s": result.lane_busy_s,
                 "early_parts": result.early_parts,
             }
         )

@@ -1,12 +1,13 @@
 """A lane: one background thread that runs calls in the order they were given.
 
 The assembler's thread hands each block of the book to lanes (the intermediate file's encoder, the
-loudness meter's pipe) and goes on mixing the next segment while they work, so its pace is the slowest
+loudness meter) and goes on mixing the next segment while they work, so its pace is the slowest
 lane's, not the sum of them all.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,12 @@ class Lane:
         self._depth = max(1, depth)
         self._waiting: deque[Future[None]] = deque()
         self._stopped = False
+        self._busy_s = 0.0
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds its calls have run so far: next to the caller's wall time, whether this lane set the pace."""
+        return self._busy_s
 
     @property
     def stopped(self) -> bool:
@@ -58,8 +65,11 @@ class Lane:
     def _run(self, call: Callable[..., Any], args: tuple[Any, ...]) -> None:
         if self._stopped:
             return
+        started = time.perf_counter()
         try:
             call(*args)
         except BaseException:
             self._stopped = True
             raise
+        finally:
+            self._busy_s += time.perf_counter() - started

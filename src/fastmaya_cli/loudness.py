@@ -1,14 +1,16 @@
 """Whole-book loudness: EBU R128 / ITU-R BS.1770 measurement and the one global gain.
 
-Why ffmpeg's ``ebur128`` filter, fed through a pipe while the book is being assembled:
+The book's integrated loudness is measured in this process as the assembler writes it
+(``IntegratedLoudnessMeter``: K-weighting with ``scipy.signal.sosfilt``, 400 ms blocks, absolute and
+relative gating). Its true peak is measured by ffmpeg's ``ebur128`` filter with its 4x-oversampled peak
+meter, fed through pipes while the book is assembled (``RangePeakMeters``, several ranges at once):
 
-* It is a maintained, widely used implementation of BS.1770-4 (K-weighting, 400 ms blocks, absolute and
-  relative gating) with a 4x-oversampled true-peak meter, written in C: about 450x real time with the
-  true-peak meter on one core, so a 13 h book costs under two minutes of CPU.
-* Its gating works on a histogram, so memory stays constant however long the book is.
-* Running as a subprocess that receives every sample as soon as the assembler writes it, the measurement
-  overlaps with synthesis; when the last chunk arrives, the figures are ready.
-* ffmpeg is needed anyway for mp3/ogg/opus/m4a/m4b.
+* ffmpeg's filter is a maintained, widely used implementation of BS.1770-4, written in C, and ffmpeg is
+  needed anyway for mp3/ogg/opus/m4a/m4b.
+* Both measure as the samples arrive, so the measurement overlaps with synthesis; when the last chunk
+  arrives, the figures are ready. Memory stays small however long the book is.
+* The loudness half of ffmpeg's filter once measured the book too. It ran at 179 audio s/s on one core of
+  an H200 host, a tenth of this meter's rate, and set the pace of a render's assembler (run M2, BENCHMARKS.md).
 
 pyloudnorm (used by the tests to check the result) measures a whole array in memory: a 13 h book at 48 kHz
 would need about 9 GB of float32, and it has no true-peak meter.
@@ -20,7 +22,6 @@ true-peak limit, so rounding can never push the result over it.
 from __future__ import annotations
 
 import math
-import os
 import queue
 import re
 import subprocess
@@ -39,7 +40,6 @@ from fastmaya_cli.errors import InputError, RuntimeFailure
 TRUE_PEAK_SAFETY_DB = 0.1
 # BS.1770's absolute gate: anything quieter is silence, and normalising silence would only amplify noise.
 ABSOLUTE_GATE_LUFS = -70.0
-_LOG_TAIL_BYTES = 4096  # the last few of ebur128's per-100 ms lines
 # Samples waiting for the range meters, in ranges: every meter can have a whole range queued, so all of
 # them work at once (with a queue of 8 blocks a range, a text of short sentences fed one meter at a time).
 _QUEUED_RANGES_PER_METER = 1.5
@@ -157,33 +157,166 @@ def kill_process(process: subprocess.Popen | None) -> None:
     process.wait()
 
 
-def parse_ebur128_summary(log: str, true_peak: bool = True) -> Measurement:
-    """Read integrated loudness and true peak from the summary ffmpeg's ebur128 filter logs at the end
-    (without ``true_peak``, the filter ran without its peak meter: the peak is nan)."""
+def parse_ebur128_summary(log: str) -> Measurement:
+    """Read integrated loudness and true peak from the summary ffmpeg's ebur128 filter logs at the end."""
     start = log.rfind("Summary:")
     if start < 0:
         raise ValueError("no ebur128 summary in ffmpeg's log")
     summary = log[start:]
     integrated = re.search(r"Integrated loudness:\s*I:\s*" + _NUMBER + r"\s*LUFS", summary)
     peak = re.search(r"True peak:\s*Peak:\s*" + _NUMBER + r"\s*dBFS", summary)
-    if integrated is None or (true_peak and peak is None):
+    if integrated is None or peak is None:
         raise ValueError("ebur128 summary without integrated loudness or true peak")
-    return Measurement(float(integrated.group(1)), float(peak.group(1)) if true_peak and peak else math.nan)
+    return Measurement(float(integrated.group(1)), float(peak.group(1)))
+
+
+# BS.1770's K-weighting as libebur128 (and ffmpeg's ebur128 filter) derive it for any sample rate: a high
+# shelf for the head's acoustics, then the RLB high-pass. At 48 kHz these give the standard's table.
+_SHELF_HZ, _SHELF_GAIN_DB, _SHELF_Q = 1681.974450955533, 3.999843853973347, 0.7071752369554196
+_HIGH_PASS_HZ, _HIGH_PASS_Q = 38.13547087602444, 0.5003270373238773
+_ANTI_SUBNORMAL = np.float32(1e-12)  # see IntegratedLoudnessMeter._kept_normal
+
+
+def k_weighting(sample_rate: int) -> np.ndarray:
+    """The K-weighting filter as second-order sections (``scipy.signal.sosfilt``)."""
+    k = math.tan(math.pi * _SHELF_HZ / sample_rate)
+    vh = 10 ** (_SHELF_GAIN_DB / 20)
+    vb = vh**0.4996667741545416
+    a0 = 1 + k / _SHELF_Q + k * k
+    shelf = [
+        (vh + vb * k / _SHELF_Q + k * k) / a0,
+        2 * (k * k - vh) / a0,
+        (vh - vb * k / _SHELF_Q + k * k) / a0,
+        1.0,
+        2 * (k * k - 1) / a0,
+        (1 - k / _SHELF_Q + k * k) / a0,
+    ]
+    k = math.tan(math.pi * _HIGH_PASS_HZ / sample_rate)
+    a0 = 1 + k / _HIGH_PASS_Q + k * k
+    high_pass = [1.0, -2.0, 1.0, 1.0, 2 * (k * k - 1) / a0, (1 - k / _HIGH_PASS_Q + k * k) / a0]
+    return np.array([shelf, high_pass])
+
+
+class IntegratedLoudnessMeter:
+    """BS.1770-4 integrated loudness of a stream, measured in this process as it is fed.
+
+    It replaced ffmpeg's ``ebur128`` filter behind a pipe for the book's loudness (the true peak is still
+    ffmpeg's, see ``RangePeakMeters``): that filter ran at 179 audio s/s on one core of an H200
+    host, and when a render's audio comes in a burst, that one pipe set the pace of the whole assembler
+    (run M2, BENCHMARKS.md). Here the K-weighting is ``scipy.signal.sosfilt`` in float32, which frees the
+    interpreter while it filters, and the rest is a sum of squares per 100 ms. It keeps those sums, 8 bytes
+    per 100 ms (3.5 MB for 13 h), so the gating is exact rather than a histogram's, and it is not rounded
+    to 0.1 LU as ffmpeg's summary is.
+    """
+
+    def __init__(self, sample_rate: int) -> None:
+        from scipy.signal import sosfilt
+
+        self._sosfilt = sosfilt
+        self._sos = k_weighting(sample_rate).astype(np.float32)
+        self._state = np.zeros((2, 2), dtype=np.float32)
+        self._step = sample_rate // 10  # 100 ms: the 400 ms gating blocks overlap by 75%
+        self._partial = 0.0  # sum of squares of the step being filled
+        self._partial_count = 0
+        self._energies = np.zeros(1024, dtype=np.float64)  # sum of squares of each complete step
+        self._steps = 0
+        self._dither = np.zeros(0, dtype=np.float32)
+        self._fed = 0
+        self._lock = threading.Lock()  # feed() runs on one thread, integrated_so_far() on another
+        self._closed = False
+
+    def feed(self, samples: np.ndarray) -> None:
+        if self._closed:
+            raise RuntimeError("loudness meter already closed")
+        if not len(samples):
+            return
+        weighted, self._state = self._sosfilt(self._sos, self._kept_normal(samples), zi=self._state)
+        head = min(len(weighted), self._step - self._partial_count)
+        self._partial += _sum_of_squares(weighted[:head])
+        self._partial_count += head
+        if self._partial_count < self._step:
+            return
+        rest = weighted[head:]
+        whole = len(rest) // self._step * self._step
+        steps = rest[:whole].reshape(-1, self._step)
+        # float32 products summed per step: 8e-7 from float64's sums, and 100 times as fast.
+        energies = np.concatenate([[self._partial], np.einsum("ij,ij->i", steps, steps)])
+        self._partial, self._partial_count = _sum_of_squares(rest[whole:]), len(rest) - whole
+        with self._lock:
+            self._append(energies)
+
+    def _kept_normal(self, samples: np.ndarray) -> np.ndarray:
+        """The samples plus a tone at Nyquist far under the absolute gate (-236 LUFS), so that in silence
+        the filter's state never decays into subnormal floats, which the H200 hosts' CPUs compute 50 times
+        slower (the meter measured 56 audio s/s there on silence after speech)."""
+        count = len(samples)
+        if len(self._dither) < count + 1:
+            self._dither = _ANTI_SUBNORMAL * np.where(np.arange(count + 1) % 2, -1, 1).astype(np.float32)
+        phase = self._fed % 2
+        self._fed += count
+        return np.asarray(samples, dtype=np.float32) + self._dither[phase : phase + count]
+
+    def _append(self, energies: np.ndarray) -> None:
+        needed = self._steps + len(energies)
+        if needed > len(self._energies):
+            grown = np.zeros(max(needed, 2 * len(self._energies)), dtype=np.float64)
+            grown[: self._steps] = self._energies[: self._steps]
+            self._energies = grown
+        self._energies[self._steps : needed] = energies
+        self._steps = needed
+
+    def integrated_so_far(self) -> float | None:
+        """The integrated loudness of what was fed so far; None before the first 400 ms, -inf for
+        silence so far."""
+        if self._closed:
+            return None
+        with self._lock:
+            energies = self._energies[: self._steps].copy()
+        return gated_loudness(energies, self._step)
+
+    def result(self) -> Measurement:
+        """The integrated loudness of everything fed (-inf for silence); no true peak (nan)."""
+        loudness = self.integrated_so_far()
+        self._closed = True
+        return Measurement(-math.inf if loudness is None else loudness, math.nan)
+
+    def abort(self) -> None:
+        self._closed = True
+
+
+def _sum_of_squares(samples: np.ndarray) -> float:
+    return float(np.dot(samples, samples))
+
+
+def gated_loudness(step_energies: np.ndarray, step_samples: int) -> float | None:
+    """BS.1770-4 integrated loudness from the sums of squares of consecutive 100 ms steps of K-weighted
+    samples: 400 ms blocks a step apart, gated at -70 LUFS and then 10 LU under the loudness of the
+    blocks left. None with no whole block, -inf where no block passes the gates."""
+    if len(step_energies) < 4:
+        return None
+    blocks = (step_energies[:-3] + step_energies[1:-2] + step_energies[2:-1] + step_energies[3:]) / (
+        4 * step_samples
+    )
+    with np.errstate(divide="ignore"):
+        loudness = -0.691 + 10 * np.log10(blocks)
+    kept = blocks[loudness > ABSOLUTE_GATE_LUFS]
+    if not len(kept):
+        return -math.inf
+    relative_gate = -0.691 + 10 * math.log10(float(kept.mean())) - 10
+    kept = blocks[loudness > max(ABSOLUTE_GATE_LUFS, relative_gate)]
+    return -0.691 + 10 * math.log10(float(kept.mean()))
 
 
 class LoudnessMeter:
     """Streams float32 mono samples into ``ffmpeg -af ebur128=peak=true`` and reads its summary at the end.
 
     Only the pipe buffer is held in memory; ffmpeg's log goes to an anonymous temporary file so a chatty
-    ffmpeg can never block on a full stderr pipe.
-
-    ``true_peak=False`` leaves out the 4x-oversampled peak meter, which takes about 70% of the filter's
-    time (1,370 against 400 audio s/s on one core here): the assembler measures the peak with
-    ``RangePeakMeters`` instead, on several cores.
+    ffmpeg can never block on a full stderr pipe. The 4x-oversampled peak meter takes most of the
+    filter's time (400 audio s/s on one core here): the assembler runs several at once on ranges of the
+    book (``RangePeakMeters``) and measures the loudness with ``IntegratedLoudnessMeter``.
     """
 
-    def __init__(self, ffmpeg: str, sample_rate: int, *, true_peak: bool = True) -> None:
-        self._true_peak = true_peak
+    def __init__(self, ffmpeg: str, sample_rate: int) -> None:
         # Lives as long as the ffmpeg process, so no with-block; closed in result()/abort().
         self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         command = [
@@ -201,7 +334,7 @@ class LoudnessMeter:
             "-i",
             "pipe:0",
             "-af",
-            "ebur128=peak=true" if true_peak else "ebur128",
+            "ebur128=peak=true",
             "-f",
             "null",
             "-",
@@ -229,21 +362,6 @@ class LoudnessMeter:
                 "Check the ffmpeg installation, or use --loudness off.",
             ) from error
 
-    def integrated_so_far(self) -> float | None:
-        """The integrated loudness of what ffmpeg has measured so far (from its per-100 ms log lines);
-        None before the first line, -inf for silence so far."""
-        if self._process is None:
-            return None
-        # pread: the log's file offset is shared with ffmpeg, which is still writing at it.
-        descriptor = self._log.fileno()
-        size = os.fstat(descriptor).st_size
-        start = max(0, size - _LOG_TAIL_BYTES)
-        found = re.findall(
-            r"\bI:\s*" + _NUMBER + r"\s*LUFS",
-            os.pread(descriptor, size - start, start).decode("ascii", "replace"),
-        )
-        return float(found[-1]) if found else None
-
     def result(self) -> Measurement:
         """Close the input, wait for ffmpeg and return what it measured."""
         process = self._process
@@ -261,7 +379,7 @@ class LoudnessMeter:
         try:
             if code != 0:
                 raise ValueError(f"ffmpeg exited with code {code}")
-            return parse_ebur128_summary(log, self._true_peak)
+            return parse_ebur128_summary(log)
         except ValueError as error:
             raise RuntimeFailure(
                 f"could not measure the book's loudness ({error}): {_last_lines(log)}",

@@ -724,6 +724,19 @@ class FfmpegWriter:
                 f"could not start ffmpeg: {error}.", "Check the ffmpeg installation."
             ) from error
 
+    def lower_priority(self, niceness: int) -> bool:
+        """Let the encoder have a core only when the rest of the render leaves one (``os.setpriority``;
+        never more than it has); False where the system does not allow it: it then runs as before."""
+        process = self._process
+        if process is None or not hasattr(os, "setpriority"):
+            return False
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, process.pid)
+            os.setpriority(os.PRIO_PROCESS, process.pid, max(now, niceness))
+        except OSError:  # gone already, or not permitted
+            return False
+        return True
+
     def write(self, samples: np.ndarray) -> None:
         self.write_bytes(np.clip(samples, -1.0, 1.0).astype("<f4", copy=False).tobytes())
 

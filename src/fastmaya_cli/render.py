@@ -136,6 +136,7 @@ class RenderResult:
     finish_s: float = 0.0  # loudness gain and the final encode, after the last chunk
     encoded_early_s: float = 0.0  # audio whose encode made while rendering was kept (see early_parts)
     finish_steps: dict[str, float] = field(default_factory=dict)  # AssemblyResult.finish_steps
+    lane_busy_s: dict[str, float] = field(default_factory=dict)  # AssemblyResult.lane_busy_s
     early_parts: dict[str, int] = field(default_factory=dict)  # AssemblyResult.early_parts
     snac_padding: float = 0.0  # frames SNAC computed over the frames it decoded (1: no padding)
     loudness: LoudnessReport | None = None  # AssemblyResult.loudness
@@ -510,6 +511,7 @@ class Renderer:
             finish_s=finished - decoded,
             encoded_early_s=assembled.encoded_early,
             finish_steps=assembled.finish_steps,
+            lane_busy_s=assembled.lane_busy_s,
             early_parts=assembled.early_parts,
             snac_padding=worker.frames_computed / worker.frames_decoded if worker.frames_decoded else 0.0,
             loudness=assembled.loudness,
