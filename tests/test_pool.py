@@ -428,6 +428,28 @@ def test_a_worker_sees_only_its_own_gpu_and_multicast_off() -> None:
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == parent_visible
 
 
+class CollectingEngine(ScriptedEngine):
+    """Leaves a reference cycle and runs a full collection for each chunk."""
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Generation]:
+        import gc
+
+        for request in requests:
+            cycle: list = []
+            cycle.append(cycle)
+            gc.collect()
+            yield Generation(request.chunk_index, (), "error", error="collected")
+
+
+def test_a_workers_garbage_collections_are_counted_and_timed() -> None:
+    with EnginePool(EngineSpec(f"{__name__}:CollectingEngine"), ["cpu"]) as pool:
+        before = next(iter(pool.stats().values()))
+        assert len(list(pool.generate(make_requests(5)))) == 5
+        (after,) = pool.stats().values()
+    assert after["gc_full"] - before["gc_full"] >= 5
+    assert after["gc_s"] > before["gc_s"]
+
+
 def engine_that_does_not_fit(**_: object) -> None:
     raise RuntimeFailure("The model does not fit on the GPU.", "Lower --gpu-memory.")
 

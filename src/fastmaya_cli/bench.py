@@ -32,6 +32,7 @@ import numpy as np
 from . import maya1
 from .errors import InputError
 from .progress import Progress
+from .stage_probe import StageProbe
 
 if TYPE_CHECKING:
     from .assemble import Segment
@@ -271,14 +272,15 @@ def _run_llm(renderer, chunks, stage: str, engine_name: str) -> StageResult:  # 
     requests = [renderer.request_for(i, c, maya1.chunk_seed(0, c.text)) for i, c in enumerate(chunks)]
     tokens = 0
     frames = 0
-    with MemoryPeak() as memory:
+    with MemoryPeak() as memory, StageProbe(renderer.engine) as probe:
         started = time.perf_counter()
         for generation in renderer.engine.generate(requests):
             tokens += len(generation.token_ids)
             frames += maya1.unpack(generation.token_ids).frames
         wall = time.perf_counter() - started
     audio = frames * maya1.SAMPLES_PER_FRAME / maya1.SNAC_RATE
-    return StageResult(stage, engine_name, len(requests), tokens, audio, wall, memory.gib, notes=memory.notes)
+    notes = {**memory.notes, **probe.notes}
+    return StageResult(stage, engine_name, len(requests), tokens, audio, wall, memory.gib, notes=notes)
 
 
 def _run_render(  # noqa: ANN001
@@ -287,7 +289,7 @@ def _run_render(  # noqa: ANN001
     from .assemble import OutputSpec
 
     spec = OutputSpec(path=output, format=output.suffix.lstrip("."), loudness=loudness)
-    with MemoryPeak() as memory:
+    with MemoryPeak() as memory, StageProbe(renderer.engine) as probe:
         started = time.perf_counter()
         result = renderer.render(source, spec)
         wall = time.perf_counter() - started
@@ -315,6 +317,7 @@ def _run_render(  # noqa: ANN001
             "snac_padding": round(result.snac_padding, 3),
             **trace_summary(result.trace, result.generate_s),
             **memory.notes,
+            **probe.notes,
             **gain_trail(result),
         },
         trace=dataclasses.asdict(result.trace) if result.trace is not None else None,

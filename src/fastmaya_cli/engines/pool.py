@@ -28,6 +28,7 @@ goes out next rather than behind the rest of the book.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import itertools
 import math
@@ -240,6 +241,35 @@ class WorkerFeed(RequestFeed):
             self._busy_since = None
 
 
+class GcClock:
+    """Seconds this process has spent in the garbage collector, and its full (oldest generation)
+    collections. Each collection stops every thread, LMDeploy's scheduler included."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._began: float | None = None
+        self._reported = (0.0, 0)
+
+    def __call__(self, phase: str, info: Mapping[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:
+            self.seconds += time.perf_counter() - self._began
+            self.full += info.get("generation") == 2
+            self._began = None
+
+    def install(self) -> GcClock:
+        gc.callbacks.append(self)
+        return self
+
+    def since_reported(self) -> tuple[float, int]:
+        """(seconds, full collections) since the last call."""
+        seconds, full = self.seconds - self._reported[0], self.full - self._reported[1]
+        self._reported = (self.seconds, self.full)
+        return seconds, full
+
+
 def _watch_parent(parent_pid: int) -> None:
     # A worker busy inside a long generate call would not notice its parent's death through the
     # pipe; without this it would keep the GPU until the batch ends.
@@ -274,7 +304,7 @@ def _worker_main(
         return
     try:
         conn.send(("ready", getattr(engine, "name", type(engine).__name__), engine_depth(engine)))
-        _serve(engine, conn, name)
+        _serve(engine, conn, name, GcClock().install())
     except (EOFError, OSError):
         pass  # the parent is gone
     except BaseException as exc:
@@ -315,17 +345,17 @@ def _read_parent(conn: Connection, runs: queue.Queue[WorkerFeed | None]) -> None
         runs.put(None)
 
 
-def _serve(engine: Any, conn: Connection, name: str) -> None:
+def _serve(engine: Any, conn: Connection, name: str, gc_clock: GcClock) -> None:
     runs: queue.Queue[WorkerFeed | None] = queue.Queue()
     threading.Thread(
         target=_read_parent, args=(conn, runs), name="fastmaya-worker-reader", daemon=True
     ).start()
     while (feed := runs.get()) is not None:
-        reported_busy = _serve_run(engine, conn, feed, name)
+        reported_busy = _serve_run(engine, conn, feed, name, gc_clock)
         conn.send(("run_done", feed.run_id, feed.busy_seconds() - reported_busy))
 
 
-def _serve_run(engine: Any, conn: Connection, feed: WorkerFeed, name: str) -> float:
+def _serve_run(engine: Any, conn: Connection, feed: WorkerFeed, name: str, gc_clock: GcClock) -> float:
     """Generate for one run until the parent ends it; returns the busy seconds already reported."""
     reported_busy = 0.0
     calls = 0
@@ -344,7 +374,9 @@ def _serve_run(engine: Any, conn: Connection, feed: WorkerFeed, name: str) -> fl
             for generation in results:
                 feed.answered(generation.chunk_index)
                 busy = feed.busy_seconds()
-                conn.send(("result", feed.run_id, generation, busy - reported_busy))
+                conn.send(
+                    ("result", feed.run_id, generation, busy - reported_busy, gc_clock.since_reported())
+                )
                 reported_busy, produced = busy, produced + 1
                 if feed.over:
                     break  # the run is over: what the engine still holds has been answered elsewhere
@@ -357,7 +389,7 @@ def _serve_run(engine: Any, conn: Connection, feed: WorkerFeed, name: str) -> fl
             break
         for index in missing:
             error = f"the engine on {name} returned no result for this chunk"
-            conn.send(("result", feed.run_id, Generation(index, (), "error", error=error), 0.0))
+            conn.send(("result", feed.run_id, Generation(index, (), "error", error=error), 0.0, (0.0, 0)))
         if not produced and feed.pulled == pulled_before:
             raise RuntimeError(f"{type(engine).__name__}.generate returned without taking a request")
     return reported_busy
@@ -414,6 +446,8 @@ class _Worker:
     discarded: int = 0
     tokens: int = 0
     busy_s: float = 0.0
+    gc_s: float = 0.0  # in its garbage collector, and its full collections
+    gc_full: int = 0
     generate_calls: int = 0
     error: str = ""
 
@@ -694,7 +728,7 @@ class EnginePool:
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per worker: chunks it delivered, chunks it finished that were not used (another worker's
         copy came first, or the run was over), tokens generated (all of them), seconds its engine held
-        work, how many times `engine.generate` was called (once per run it took part in, unless the
+        work, seconds in its garbage collector and its full collections (`GcClock`), how many times `engine.generate` was called (once per run it took part in, unless the
         engine returned early), how many chunks it may hold, and whether it is alive (with its error
         if not)."""
         with self._lock:
@@ -707,6 +741,8 @@ class EnginePool:
                     "discarded": w.discarded,
                     "tokens": w.tokens,
                     "busy_s": w.busy_s,
+                    "gc_s": w.gc_s,
+                    "gc_full": w.gc_full,
                     "generate_calls": w.generate_calls,
                     "inflight": w.depth,
                     "error": w.error,
@@ -858,9 +894,11 @@ class EnginePool:
         kind = message[0]
         run = self._run
         if kind == "result":
-            _, run_id, generation, busy_s = message
+            _, run_id, generation, busy_s, (gc_s, gc_full) = message
             w.tokens += len(generation.token_ids)
             w.busy_s += busy_s
+            w.gc_s += gc_s
+            w.gc_full += gc_full
             ticket = w.assigned.pop(generation.chunk_index, None) if w.in_run and run_id == w.run_id else None
             if run is None or ticket is None or run_id != run.id or run.live.get(ticket.index) != ticket.id:
                 w.discarded += 1
