@@ -27,12 +27,13 @@ chapter begins at 0.
 
 Streaming: only samples a later segment may still overlap stay in memory (between calls to ``add`` at most
 F samples; during one, that segment plus its pause). Everything before is appended at once to a hidden
-24-bit FLAC file beside the output (stored 12 dB down, so sums above full scale survive; about 0.3 GB per
-hour of speech; for stdout it lives in TMPDIR) and fed to the loudness meters: one for loudness, and
-true-peak meters that measure ranges of the book at once (``loudness.RangePeakMeters``). The file's
-FLAC encoder, the conversion to its 24-bit samples (which also feeds the early parts) and the loudness
-meter each run on a lane of their own (``lanes.Lane``), beside the thread that mixes the segments: when
-the book comes in a burst, the slowest of them bounds how fast it is written (run M2, BENCHMARKS.md).
+24-bit intermediate file beside the output (stored 12 dB down, so sums above full scale survive; FLAC in
+segments of 2 minutes, about 0.3 GB per hour of speech, see ``intermediate``; for stdout it lives in TMPDIR)
+and fed to the loudness meters: one for loudness, and true-peak meters that measure ranges of the book at once
+(``loudness.RangePeakMeters``). The file's FLAC encoders (one lane per segment in turn, up to 4 at once), the
+conversion to its 24-bit samples (which also feeds the early parts) and the loudness meter each run on lanes
+of their own (``lanes.Lane``), beside the thread that mixes the segments: when the book comes in a burst, the
+slowest of them bounds how fast it is written (runs M2 and N1, BENCHMARKS.md).
 ``finish`` waits for the last of them, reads the file back once per output, applies the one global gain,
 encodes to a hidden temporary name beside the final one, and only when every file (audio, manifest,
 subtitles) is complete moves them into place with ``os.replace``. With
@@ -70,7 +71,6 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import numpy as np
-import soundfile as sf
 
 from fastmaya_cli.early_parts import (
     EARLY_PART_SECONDS,
@@ -81,6 +81,7 @@ from fastmaya_cli.early_parts import (
     reuse_gain,
 )
 from fastmaya_cli.errors import RuntimeFailure
+from fastmaya_cli.intermediate import SegmentedFlac, intermediate_encoders
 from fastmaya_cli.lanes import Lane
 from fastmaya_cli.loudness import (
     ABSOLUTE_GATE_LUFS,
@@ -254,9 +255,9 @@ class AssemblyResult:
     encoded_early: float = 0.0  # seconds of the book whose encode, made while it rendered, was kept
     early_parts: dict[str, int] = field(default_factory=dict)  # parts: kept, at another gain, or why left
     finish_steps: dict[str, float] = field(default_factory=dict)  # seconds each step of finish() took
-    # Seconds each lane worked (the writing lane's conversion, the FLAC encoder, the loudness meter)
-    # while the book was added and its tail written: the one as long as the adding set its pace. The
-    # writing lane's include its waits for room in the FLAC lane, which it feeds.
+    # Seconds each lane worked (the writing lane's conversion, the FLAC encoders together, the loudness
+    # meter) while the book was added and its tail written: the one as long as the adding set its pace.
+    # The writing lane's include its waits for room in the FLAC encoders' lanes, which it feeds.
     lane_busy_s: dict[str, float] = field(default_factory=dict)
     early: tuple[EarlyPart, ...] = ()  # the parts cut while the book rendered, with the gains they asked for
 
@@ -466,8 +467,7 @@ class Assembler:
         self._state = "new"  # new -> open -> finished | failed
         self._work_dir: Path | None = None
         self._created_dir: Path | None = None
-        self._intermediate_path: Path | None = None
-        self._intermediate: sf.SoundFile | None = None
+        self._intermediate: SegmentedFlac | None = None
         # Direct mode: the output's own encoder instead of the intermediate file (see the module doc).
         self._direct = self._target is None and not spec.split_chapters and spec.format == "flac"
         self._direct_output: _Output | None = None
@@ -476,8 +476,7 @@ class Assembler:
         self._peaks: RangePeakMeters | None = None
         # The encoder of the intermediate (or direct) file, the conversion to its samples and the loudness
         # meter each take about as long as everything else the assembler does: they run beside it (lanes).
-        self._writing: Lane | None = None
-        self._flac: Lane | None = None  # the intermediate file's encoder, fed by the writing lane
+        self._writing: Lane | None = None  # it feeds the intermediate file's encoders, lanes of their own
         self._metering: Lane | None = None
         self._written = 0  # samples the writing lane has written
         self._metered = 0  # and the metering lane has fed the meter
@@ -654,18 +653,11 @@ class Assembler:
             self._clipped += int(over.sum())
             stored = np.clip(stored, -1.0, 1.0)
         pcm = to_pcm(stored, 24)  # as the direct writer converts (see to_pcm)
-        assert self._flac is not None
-        self._flac.submit(self._encode_intermediate, pcm)
+        assert self._intermediate is not None
+        self._intermediate.write(pcm)
         self._written += len(block)
         if self._early is not None:
             self._early.feed(pcm.astype(np.float32) * _PCM24_READ_BACK)  # what the finish reads back
-
-    def _encode_intermediate(self, pcm: np.ndarray) -> None:
-        assert self._intermediate is not None
-        try:
-            self._intermediate.write(pcm)
-        except (sf.LibsndfileError, OSError, AssertionError) as error:
-            raise write_failure(self._shown_name(), error) from error
 
     # ------------------------------------------------------------------------------------ files / states
 
@@ -699,19 +691,12 @@ class Assembler:
             )
             self._emit_zeros(self._head)
             return
-        try:
-            self._intermediate_path = self._reserve(".flac")
-            self._intermediate = sf.SoundFile(
-                str(self._intermediate_path),
-                "w",
-                samplerate=self.sample_rate,
-                channels=1,
-                format="FLAC",
-                subtype="PCM_24",
-            )
-        except (sf.LibsndfileError, OSError) as error:
-            raise write_failure(self._shown_name(), error) from error
-        self._flac = Lane("fastmaya-flac")
+        self._intermediate = SegmentedFlac(
+            partial(self._reserve, ".flac"),
+            self.sample_rate,
+            encoders=intermediate_encoders(self._encode_workers),
+            failure=partial(write_failure, self._shown_name()),
+        )
         if self._target is not None:
             # The true-peak meter is slower than an H100 renders speech: several measure ranges at once.
             ffmpeg = require_ffmpeg("it measures loudness")
@@ -821,10 +806,12 @@ class Assembler:
     def _abort(self) -> None:
         self._state = "failed"
         self._cancel.set()
-        for lane in (self._writing, self._flac):
-            if lane is not None:
-                lane.cancel()  # its call at work writes to a file or a lane, and ends by itself
-        self._writing = self._flac = None
+        if self._writing is not None:
+            self._writing.cancel()  # its call at work writes to the intermediate file, and ends by itself
+            self._writing = None
+        if self._intermediate is not None:
+            self._intermediate.abort()
+            self._intermediate = None
         if self._metering is not None:
             self._metering.cancel()  # its call at work measures a block, and ends by itself
             self._metering = None
@@ -840,10 +827,6 @@ class Assembler:
         if self._peaks is not None:
             self._peaks.abort()
             self._peaks = None
-        if self._intermediate is not None:
-            with suppress(Exception):  # already failing; the file is removed next
-                self._intermediate.close()
-            self._intermediate = None
         if self._direct_writer is not None:
             self._direct_writer.abort()
             self._direct_writer = None
@@ -893,19 +876,16 @@ class Assembler:
         )
         if total != expected:  # the two descriptions of the timeline must agree to the sample
             raise RuntimeError(f"assembled {total} samples, expected {expected}")
-        lanes = {"write": self._writing, "flac": self._flac, "meter": self._metering}
-        for lane in lanes.values():  # in this order: the writing lane feeds the FLAC lane
+        lanes = {"write": self._writing, "meter": self._metering}
+        for lane in lanes.values():
             if lane is not None:
                 lane.join()
+        if self._intermediate is not None:
+            self._intermediate.close()  # after the writing lane, which feeds its encoders
         self._lane_busy_s = {name: round(lane.busy_s, 3) for name, lane in lanes.items() if lane is not None}
-        self._writing = self._flac = self._metering = None
-        if self._direct_writer is None:
-            assert self._intermediate is not None
-            try:
-                self._intermediate.close()
-            except (sf.LibsndfileError, OSError) as error:
-                raise write_failure(self._shown_name(), error) from error
-            self._intermediate = None
+        if self._intermediate is not None:
+            self._lane_busy_s["flac"] = round(self._intermediate.busy_s, 3)
+        self._writing = self._metering = None
 
         self._lap("tail")
         # A part with more left to encode than the finish gives one encoder waits no longer than that.
@@ -1153,16 +1133,8 @@ class Assembler:
 
     def _intermediate_blocks(self, start: int, stop: int) -> Iterator[np.ndarray]:
         """Samples ``[start, stop)`` of the intermediate file, a block at a time."""
-        assert self._intermediate_path is not None
-        with sf.SoundFile(str(self._intermediate_path)) as source:
-            source.seek(start)
-            remaining = stop - start
-            while remaining > 0:
-                block = source.read(min(_READ_BLOCK, remaining), dtype="float32")
-                if len(block) == 0:
-                    raise RuntimeError("intermediate file ended early")
-                yield block
-                remaining -= len(block)
+        assert self._intermediate is not None
+        return self._intermediate.read(start, stop, _READ_BLOCK)
 
     def _encode_blocks(self, writer: AudioWriter, blocks: Iterable[np.ndarray], factor: float) -> None:
         """Feed the blocks, times ``factor``, to the writer and close it; on a failure or a cancel, abort it."""
