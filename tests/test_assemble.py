@@ -650,3 +650,25 @@ def test_disk_full_inside_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(RuntimeFailure, match=r"disk full while writing .*book\.mp3"):
         assemble(spec, [seg(i, np.full(4000, 0.1)) for i in range(10)])
     assert visible(folder) == []
+
+
+def test_the_finish_times_publishing_and_removing_its_temporary_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fastmaya_cli.assemble as assemble_module
+
+    real_remove = assemble_module.remove_quietly
+    removed: list[Path] = []
+
+    def slow_remove(path: Path) -> None:
+        time.sleep(0.05)
+        removed.append(path)
+        real_remove(path)
+
+    monkeypatch.setattr(assemble_module, "remove_quietly", slow_remove)
+    spec = wav_spec(tmp_path / "book.wav", manifest=tmp_path / "book.json")
+    _, result = assemble(spec, [seg(i, np.full(SR // 4, 0.1)) for i in range(4)])
+    steps = result.finish_steps  # type: ignore[attr-defined]
+    assert {"publish", "remove_temps"} <= set(steps)
+    assert removed and steps["remove_temps"] >= 0.05 * len(removed)
+    assert visible(tmp_path) == ["book.json", "book.wav"]

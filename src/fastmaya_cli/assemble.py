@@ -956,10 +956,12 @@ class Assembler:
             os.replace(manifest_temp, spec.manifest)
         if subtitles_temp is not None and spec.subtitles is not None:
             os.replace(subtitles_temp, spec.subtitles)
+        self._lap("publish")  # with the manifest and subtitles
         for path in self._temps:
             remove_quietly(path)
         self._temps.clear()
         self._streamed = None
+        self._lap("remove_temps")  # the intermediate file and the early parts: gigabytes for a long book
 
         if self._clipped:
             over = "over full scale" if self._direct else "more than 12 dB over full scale"
