@@ -74,7 +74,9 @@ def main() -> None:
     )
     for name in sorted(busy):
         print(f"  {name:40s} busy {busy[name]:.2f} s, CPU {cpu[name]:.2f} s")
-    print(f"child processes' CPU {children.ru_utime + children.ru_stime:.1f} s; early parts {result.early_parts}")
+    print(
+        f"child processes' CPU {children.ru_utime + children.ru_stime:.1f} s; early parts {result.early_parts}"
+    )
     print(f"lane_busy_s {result.lane_busy_s}; finish steps {result.finish_steps}")
 
 

@@ -582,8 +582,9 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, when: object) -> None:
 def test_the_intermediate_files_encoder_has_a_lane_of_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The FLAC encoder runs on a lane of its own: slow, it holds up the meter not at all, and the conversion
-    lane that feeds it only once 8 blocks wait for it. Each lane's working time is reported."""
+    """The FLAC encoder runs on a lane of its own: slow, it holds up the meter not at all, nor the conversion
+    lane that feeds it while few blocks wait for it (intermediate.ENCODER_DEPTH). Each lane's working time is
+    reported."""
     real_write = sf.SoundFile.write
     writers: set[str] = set()
 
@@ -601,7 +602,7 @@ def test_the_intermediate_files_encoder_has_a_lane_of_its_own(
     assert set(busy) == {"write", "flac", "meter"}
     assert busy["flac"] >= 12 * 0.05  # one write a segment at least, all on the FLAC lane
     assert busy["meter"] < busy["flac"] / 3
-    assert busy["write"] < busy["flac"] - 4 * 0.05  # it waited for room, and never wrote
+    assert busy["write"] < busy["flac"] - 4 * 0.05  # it never waited, and never wrote
 
 
 def test_disk_full_while_assembling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -670,5 +671,5 @@ def test_the_finish_times_publishing_and_removing_its_temporary_files(
     _, result = assemble(spec, [seg(i, np.full(SR // 4, 0.1)) for i in range(4)])
     steps = result.finish_steps  # type: ignore[attr-defined]
     assert {"publish", "remove_temps"} <= set(steps)
-    assert removed and steps["remove_temps"] >= 0.05 * len(removed)
+    assert removed and steps["remove_temps"] >= 0.05 * len(removed) - 0.002  # rounded to 1 ms
     assert visible(tmp_path) == ["book.json", "book.wav"]

@@ -138,3 +138,43 @@ def test_a_cancelled_book_leaves_no_segment_behind(tmp_path, monkeypatch):
             assembler.add(seg(i, _samples(SR // 2, seed=i) * 0.5))
         raise KeyboardInterrupt
     assert visible(tmp_path) == []
+
+
+def test_an_encoder_holds_the_writer_back_once_its_lane_is_full(tmp_path, monkeypatch):
+    monkeypatch.setattr(intermediate, "ENCODER_DEPTH", 2)
+    release = threading.Event()
+    real_write = sf.SoundFile.write
+
+    def held_write(self: sf.SoundFile, data: np.ndarray) -> None:
+        release.wait(30)
+        real_write(self, data)
+
+    monkeypatch.setattr(sf.SoundFile, "write", held_write)
+    flac, _ = _flac(tmp_path, 1, segment_seconds=10.0)
+    handed = []
+
+    def writer() -> None:
+        for block in range(6):
+            flac.write(to_pcm(_samples(80, seed=block), 24))
+            handed.append(block)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(0.3)
+    assert len(handed) == 2  # one being written, one waiting (the depth counts both); the third waits
+    release.set()
+    thread.join(30)
+    flac.close()
+    assert len(handed) == 6
+    assert len(np.concatenate(list(flac.read(0, 480, block=1000)))) == 480
+
+
+def test_a_short_write_is_the_callers_failure_too(tmp_path, monkeypatch):
+    def short(self: sf.SoundFile, data: np.ndarray) -> None:
+        raise AssertionError  # what soundfile raises when fewer frames were written than given
+
+    monkeypatch.setattr(sf.SoundFile, "write", short)
+    flac, _ = _flac(tmp_path, 2)
+    with pytest.raises(RuntimeFailure, match="disk full while writing book.wav"):
+        flac.write(to_pcm(_samples(100), 24))
+        flac.close()

@@ -34,10 +34,11 @@ def _spin(seconds: float) -> None:
 
 @linux_only
 def test_the_busiest_thread_is_the_one_that_burned_the_cpu_and_ended_threads_still_count():
-    release = threading.Event()
+    spun, release = threading.Event(), threading.Event()
 
     def spin_then_wait() -> None:
         _spin(0.4)
+        spun.set()
         release.wait()
 
     with StageProbe(object(), gpu_interval_ms=100) as probe:
@@ -46,7 +47,7 @@ def test_the_busiest_thread_is_the_one_that_burned_the_cpu_and_ended_threads_sti
         ended = threading.Thread(target=_spin, args=(0.3,))
         ended.start()
         ended.join()
-        time.sleep(0.6)  # the spinning thread is done spinning, but still alive at the reading
+        assert spun.wait(30)  # done spinning, but still alive when the probe reads it
     release.set()
     alive.join()
     notes = probe.notes

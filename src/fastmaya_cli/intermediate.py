@@ -25,6 +25,8 @@ SEGMENT_SECONDS = 120.0
 # writer is not held by one encoder while the others have nothing to do.
 ENCODER_DEPTH = 24
 _MOST_ENCODERS = 4
+# soundfile ends a short write with an assertion (as outputs.SoundfileWriter knows).
+_WRITE_ERRORS = (sf.LibsndfileError, OSError, AssertionError)
 
 
 def intermediate_encoders(cpus: int) -> int:
@@ -104,18 +106,23 @@ class SegmentedFlac:
             if last:
                 del self._open[segment]
                 file.close()
-        except (sf.LibsndfileError, OSError) as error:
+        except _WRITE_ERRORS as error:
             raise self._failure(error) from error
 
     def close(self) -> None:
-        """Wait for every encoder, then close the last segment; raises the first failure."""
-        for lane in self._lanes:
-            lane.join()
-        for segment in sorted(self._open):
-            try:
-                self._open.pop(segment).close()
-            except (sf.LibsndfileError, OSError) as error:
-                raise self._failure(error) from error
+        """Wait for every encoder, then close the last segment; raises the first failure, after stopping
+        everything (as `abort`)."""
+        try:
+            for lane in self._lanes:
+                lane.join()
+            for segment in sorted(self._open):
+                try:
+                    self._open.pop(segment).close()
+                except _WRITE_ERRORS as error:
+                    raise self._failure(error) from error
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Stop encoding and close what is open; the caller removes the files."""

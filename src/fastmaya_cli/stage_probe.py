@@ -153,6 +153,8 @@ class GpuSampler:
             self._process.wait()
         if self._reader is not None:
             self._reader.join(timeout=5)
+        if self._process.stdout is not None:
+            self._process.stdout.close()
 
     def summary(self) -> dict[str, dict[str, float]]:
         return summarise_gpu_samples(self.lines)
@@ -184,7 +186,6 @@ class StageProbe:
         return sum(w["gc_s"] for w in workers), sum(w["gc_full"] for w in workers)
 
     def __enter__(self) -> StageProbe:
-        self._gpu.__enter__()
         self._host = host_cpu_seconds()
         self._cpu = self._processes()
         self._gc_before = self._gc()
@@ -192,14 +193,17 @@ class StageProbe:
         self._before = self._threads()
         self._started = time.perf_counter()
         self._started_unix = time.time()
+        self._gpu.__enter__()  # last: nothing after it can fail and leave nvidia-smi running
         return self
 
     def __exit__(self, *exc: object) -> None:
-        wall = time.perf_counter() - self._started
-        busiest = busiest_thread_change(self._before, self._threads())
-        cpu = self._processes()
-        host = host_cpu_seconds()
-        self._gpu.__exit__(*exc)
+        try:
+            wall = time.perf_counter() - self._started
+            busiest = busiest_thread_change(self._before, self._threads())
+            cpu = self._processes()
+            host = host_cpu_seconds()
+        finally:
+            self._gpu.__exit__(*exc)
         notes: dict = {"started_unix": round(self._started_unix, 1)}
         pairs = [
             (was, cpu[pid]) for pid, was in self._cpu.items() if was is not None and cpu[pid] is not None

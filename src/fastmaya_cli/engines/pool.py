@@ -265,9 +265,9 @@ class GcClock:
 
     def since_reported(self) -> tuple[float, int]:
         """(seconds, full collections) since the last call."""
-        seconds, full = self.seconds - self._reported[0], self.full - self._reported[1]
-        self._reported = (self.seconds, self.full)
-        return seconds, full
+        now, then = (self.seconds, self.full), self._reported
+        self._reported = now  # one reading: a collection in between is in the next report
+        return now[0] - then[0], now[1] - then[1]
 
 
 def _watch_parent(parent_pid: int) -> None:
