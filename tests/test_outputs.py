@@ -303,3 +303,20 @@ def test_pcm_conversion_rounds_to_the_nearest_step_and_clips(tmp_path, bits, con
     codes = to_pcm(edges, bits).astype(np.int64) >> (0 if bits == 16 else 8)
     top = 2 ** (bits - 1)
     assert codes.tolist() == [top - 1, top - 1, -top, -top, 0, 2, 4]  # clipped; halves round to even
+
+
+def test_stale_temps_are_only_the_hidden_files_reserved_for_that_output(tmp_path: Path) -> None:
+    from fastmaya_cli.outputs import lock_path_for, reserve_temp, stale_temps
+
+    mine = [reserve_temp(tmp_path, "book.m4b", suffix) for suffix in (".flac", ".aac", "")]
+    others = [
+        reserve_temp(tmp_path, "other.m4b", ".flac"),  # another output's
+        tmp_path / ".book.m4b.12345.fastmaya-tmp.flac",  # not a name reserve_temp makes
+        tmp_path / "book.m4b",  # the output itself
+        lock_path_for(tmp_path / "book.m4b"),
+    ]
+    for path in others[1:]:
+        path.write_bytes(b"x")
+    (tmp_path / ".book.m4b.abcdef01.fastmaya-tmp.dir").mkdir()  # not a file
+    assert stale_temps(tmp_path, "book.m4b") == sorted(mine)
+    assert stale_temps(tmp_path / "missing", "book.m4b") == []

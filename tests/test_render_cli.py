@@ -225,3 +225,18 @@ def test_help_documents_exit_codes_and_voices_lists_presets():
     assert "3 finished with failed chunks" in help_text and "--gpu-memory" in help_text
     listing = runner.invoke(app, ["voices"]).output
     assert "@narrator\t" in listing and "@storyteller\t" in listing
+
+
+def test_a_run_removes_the_temporary_files_a_killed_run_left_behind(book, base_args, tmp_path):
+    out = tmp_path / "book.flac"
+    left = [tmp_path / f".book.flac.{n:08x}.fastmaya-tmp{suffix}" for n, suffix in ((1, ".flac"), (2, ".flac"), (3, ""))]
+    for path in left:
+        path.write_bytes(b"\0" * 1000)
+    kept = tmp_path / ".other.flac.00000004.fastmaya-tmp.flac"
+    kept.write_bytes(b"\0")
+    args = [a if a != "none" else "plain" for a in base_args]
+    result = CliRunner().invoke(app, ["render", str(book), "-o", str(out), *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "removed 3 temporary files (0.00 GB) that an interrupted run of" in result.output
+    assert not any(path.exists() for path in left)
+    assert kept.exists() and out.exists()

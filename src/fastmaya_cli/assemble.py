@@ -116,6 +116,7 @@ from fastmaya_cli.outputs import (
     remove_quietly,
     require_ffmpeg,
     reserve_temp,
+    stale_temps,
     stream_codec_for,
     subtitle_kind,
     subtitles_text,
@@ -667,18 +668,13 @@ class Assembler:
     def _open(self) -> None:
         """Create the hidden intermediate file beside the output and start the loudness meter."""
         spec = self.spec
-        if spec.path is None:
-            work_dir = Path(tempfile.gettempdir())
-        elif spec.split_chapters:
-            work_dir = spec.path
-            if not work_dir.exists():
-                try:
-                    work_dir.mkdir()
-                except OSError as error:
-                    raise write_failure(work_dir, error) from error
-                self._created_dir = work_dir
-        else:
-            work_dir = spec.path.parent
+        work_dir = work_directory(spec)
+        if spec.split_chapters and not work_dir.exists():
+            try:
+                work_dir.mkdir()
+            except OSError as error:
+                raise write_failure(work_dir, error) from error
+            self._created_dir = work_dir
         self._work_dir = work_dir
         self._state = "open"
         self._writing = Lane("fastmaya-write")
@@ -1373,6 +1369,29 @@ class Assembler:
                 end = min(end, self._chunks[position + 1].start_sample)
             cues.append(Cue(record.start_sample / sr, end / sr, record.text))
         return cues
+
+
+def work_directory(spec: OutputSpec) -> Path:
+    """Where the assembler keeps its hidden files (the intermediate file, the early parts): beside the output,
+    in the folder of a book split into chapters, or in TMPDIR for stdout."""
+    if spec.path is None:
+        return Path(tempfile.gettempdir())
+    return spec.path if spec.split_chapters else spec.path.parent
+
+
+def remove_stale_temps(spec: OutputSpec) -> tuple[int, int]:
+    """Remove the hidden files a killed run writing ``spec.path`` left behind (hundreds of intermediate
+    segments and early parts, gigabytes for a long book); (files, bytes) removed. Call it only while
+    holding ``output_lock(spec.path)``."""
+    if spec.path is None:  # stdout runs share TMPDIR and hold no lock
+        return 0, 0
+    files = size = 0
+    for path in stale_temps(work_directory(spec), spec.path.name):
+        with suppress(OSError):
+            length = path.stat().st_size
+            path.unlink()
+            files, size = files + 1, size + length
+    return files, size
 
 
 def peak_meters(encode_workers: int) -> int:

@@ -308,6 +308,9 @@ def output_lock(path: Path) -> Iterator[Path]:
 # ------------------------------------------------------------------------------------ temporary files
 
 
+_TEMP_MARK = ".fastmaya-tmp"
+
+
 def reserve_temp(directory: Path, name: str, suffix: str) -> Path:
     """Create an empty hidden file in ``directory`` with a fresh name and return its path.
 
@@ -315,13 +318,25 @@ def reserve_temp(directory: Path, name: str, suffix: str) -> Path:
     any newly written file would.
     """
     while True:
-        candidate = directory / f".{name}.{secrets.token_hex(4)}.fastmaya-tmp{suffix}"
+        candidate = directory / f".{name}.{secrets.token_hex(4)}{_TEMP_MARK}{suffix}"
         try:
             fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
         os.close(fd)
         return candidate
+
+
+def stale_temps(directory: Path, name: str) -> list[Path]:
+    """The files ``reserve_temp(directory, name, ...)`` made that are still there: left by a run that was killed
+    (a run that fails or is stopped removes its own). Only someone holding ``output_lock`` for ``name`` may
+    take them for stale."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}{re.escape(_TEMP_MARK)}.*", re.DOTALL)
+    try:
+        entries = list(directory.iterdir())
+    except OSError:  # not there yet
+        return []
+    return sorted(path for path in entries if pattern.fullmatch(path.name) and path.is_file())
 
 
 def remove_quietly(path: Path) -> None:

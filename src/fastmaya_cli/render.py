@@ -35,6 +35,7 @@ from .assemble import (
     check_output,
     expected_length,
     output_lock,
+    remove_stale_temps,
 )
 from .cache import CachedChunk, ChunkCache, atomic_write, fingerprint, model_fingerprint
 from .codec import (
@@ -394,6 +395,12 @@ class Renderer:
         self.warm_decoder()
         lock = output_lock(spec.path) if spec.path is not None else _no_lock()
         with lock:
+            files, size = remove_stale_temps(spec)
+            if files:
+                self.progress.note(
+                    f"removed {files} temporary files ({size / 1e9:.2f} GB) that an interrupted run of "
+                    f"{spec.path} left behind"
+                )
             result = dataclasses.replace(self._render_states(book, states, spec), plan_s=plan_s)
         if spec.path is not None and result.failed == 0:
             write_stamp(self.stamp_path(spec), stamp, spec)
