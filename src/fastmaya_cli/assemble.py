@@ -876,10 +876,9 @@ class Assembler:
         for lane in lanes.values():
             if lane is not None:
                 lane.join()
-        if self._intermediate is not None:
-            self._intermediate.close()  # after the writing lane, which feeds its encoders
         self._lane_busy_s = {name: round(lane.busy_s, 3) for name, lane in lanes.items() if lane is not None}
         if self._intermediate is not None:
+            self._intermediate.close()  # after the writing lane, which feeds its encoders
             self._lane_busy_s["flac"] = round(self._intermediate.busy_s, 3)
         self._writing = self._metering = None
 

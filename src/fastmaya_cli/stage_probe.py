@@ -22,24 +22,12 @@ GPU_QUERY = "index,clocks.sm,utilization.gpu,power.draw"
 GPU_SAMPLE_MS = 500
 
 
-def thread_cpu_seconds(pid: int, proc: Path = Path("/proc")) -> dict[int, float]:
-    """CPU seconds (user + system) each live thread of process `pid` has used; empty if it is gone."""
-    tick = os.sysconf("SC_CLK_TCK")
-    seconds: dict[int, float] = {}
-    with suppress(OSError):
-        for task in (proc / str(pid) / "task").iterdir():
-            with suppress(OSError, ValueError, IndexError):
-                # The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
-                fields = (task / "stat").read_text().rpartition(")")[2].split()
-                seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
-    return seconds
-
-
-def process_times(pid: int, proc: Path = Path("/proc")) -> dict[str, float] | None:
-    """Process `pid`'s CPU seconds in user and in system mode, its ended threads included, and its minor
-    page faults (each a trip through the kernel, costly in a sandbox); None if it is gone."""
+def _stat_times(stat: Path) -> dict[str, float] | None:
+    """User and system CPU seconds and minor page faults from a process's or thread's /proc stat file (each
+    fault a trip through the kernel, costly in a sandbox); None if it cannot be read (the task is gone)."""
     with suppress(OSError, ValueError, IndexError):
-        fields = (proc / str(pid) / "stat").read_text().rpartition(")")[2].split()
+        # The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
+        fields = stat.read_text().rpartition(")")[2].split()
         tick = os.sysconf("SC_CLK_TCK")
         return {
             "user": int(fields[11]) / tick,
@@ -47,6 +35,23 @@ def process_times(pid: int, proc: Path = Path("/proc")) -> dict[str, float] | No
             "minor_faults": int(fields[7]),
         }
     return None
+
+
+def thread_cpu_seconds(pid: int, proc: Path = Path("/proc")) -> dict[int, float]:
+    """CPU seconds (user + system) each live thread of process `pid` has used; empty if it is gone."""
+    seconds: dict[int, float] = {}
+    with suppress(OSError):
+        for task in (proc / str(pid) / "task").iterdir():
+            times = _stat_times(task / "stat")
+            if times is not None and task.name.isdigit():
+                seconds[int(task.name)] = times["user"] + times["system"]
+    return seconds
+
+
+def process_times(pid: int, proc: Path = Path("/proc")) -> dict[str, float] | None:
+    """Process `pid`'s CPU seconds in user and in system mode, its ended threads included, and its minor
+    page faults; None if it is gone."""
+    return _stat_times(proc / str(pid) / "stat")
 
 
 def process_cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float | None:

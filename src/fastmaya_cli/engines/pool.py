@@ -728,9 +728,9 @@ class EnginePool:
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per worker: chunks it delivered, chunks it finished that were not used (another worker's
         copy came first, or the run was over), tokens generated (all of them), seconds its engine held
-        work, seconds in its garbage collector and its full collections (`GcClock`), how many times `engine.generate` was called (once per run it took part in, unless the
-        engine returned early), how many chunks it may hold, and whether it is alive (with its error
-        if not)."""
+        work, seconds in its garbage collector and its full collections (`GcClock`), how many times
+        `engine.generate` was called (once per run it took part in, unless the engine returned early), how
+        many chunks it may hold, and whether it is alive (with its error if not)."""
         with self._lock:
             return {
                 w.name: {
