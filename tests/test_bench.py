@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from fastmaya_cli import bench, split_encode
+from fastmaya_cli import bench, cores, split_encode
 from fastmaya_cli.bench import SPEECH_48K, StageResult, finish_book, median_pass
 from fastmaya_cli.cli import app
 
@@ -270,6 +270,52 @@ def test_the_novels_passes_run_in_the_order_the_stages_name_them():
     stages = ("llm", "novel-llm", "novel", "novel-llm", "novel-join-after", "novel", "decode-mix", "bs1")
     assert bench.novel_runs(stages) == ["llm", "novel", "llm", "join-after", "novel"]
     assert bench.novel_runs(("render", "novel-decode-eager")) == []
+    shared = ("novel-llm", "novel-llm-shared-cores", "novel-shared-cores", "novel", "novel-shared-core")
+    assert bench.novel_runs(shared) == ["llm", "llm-shared-cores", "shared-cores", "novel"]
+    assert {"novel-llm-shared-cores", "novel-shared-cores"} <= bench.NOVEL_STAGES
+
+
+class CoreKeeper:
+    """An engine pool's core placement as the bench sees it: what it was asked, where it says it is."""
+
+    def __init__(self) -> None:
+        self.asked: list[bool] = []
+
+    def keep_scheduler_cores(self, keep: bool):  # noqa: ANN201
+        self.asked.append(keep)
+        return cores.CorePlan((frozenset({7}),), frozenset(range(7))) if keep else None
+
+    def stats(self) -> dict:
+        return {"cuda:0": {"scheduler_cpus": [7] if self.asked[-1] else None}}
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_pass_runs_with_the_cores_asked_for_and_the_engine_keeps_its_core_after(keep: bool) -> None:
+    engine = CoreKeeper()
+    with pytest.raises(RuntimeError), bench.scheduler_cores(engine, keep=keep) as note:
+        assert engine.asked == [keep]
+        raise RuntimeError("a pass that fails")
+    assert engine.asked == [keep, True]
+    assert note == {"scheduler_cpus": [[7] if keep else None], "other_cpus": 7 if keep else None}
+    with bench.scheduler_cores(object(), keep=False) as note:  # an engine in this process: nothing to place
+        pass
+    assert note == {}
+
+
+def test_a_render_with_shared_cores_is_compared_with_the_last_llm_only_pass_with_shared_cores():
+    def row(stage, wall):
+        return StageResult(stage, "lmdeploy", 1000, 0, 1000.0, wall, 0.0)
+
+    stages = [
+        row("llm-novel-shared-cores", 10.0),
+        row("llm-novel", 8.0),
+        row("render-novel-shared-cores", 20.0),
+        row("render-novel", 10.0),
+    ]
+    assert bench.novel_shares(stages) == [("render-novel-shared-cores", 0.5), ("render-novel", 0.8)]
+    report: dict = {}
+    bench._summarise(report, stages)
+    assert report["summary"]["novel_shared_cores_render_share_of_llm_only"] == 0.5
 
 
 def test_allocator_change_counts_what_a_stage_added_and_keeps_what_is_held():

@@ -137,3 +137,33 @@ def test_lmdeploy_config_overrides_come_from_json_and_bad_json_is_an_input_error
             lmdeploy_overrides()
     monkeypatch.delenv("FASTMAYA_LMDEPLOY_CONFIG")
     assert lmdeploy_overrides() == {}
+
+
+@pytest.mark.parametrize(("value", "kept"), [(None, True), ("1", True), ("0", False), (" 0 ", False)])
+def test_the_engine_pool_keeps_a_core_for_the_scheduler_unless_switched_off(monkeypatch, value, kept):
+    from fastmaya_cli.engines import pool
+
+    built: dict = {}
+
+    def recording_pool(spec, devices, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        built.update(kwargs, devices=devices)
+        return "pool"
+
+    monkeypatch.setattr(pool, "EnginePool", recording_pool)
+    if value is None:
+        monkeypatch.delenv("FASTMAYA_SCHEDULER_CORE", raising=False)
+    else:
+        monkeypatch.setenv("FASTMAYA_SCHEDULER_CORE", value)
+    from fastmaya_cli.render import EngineOptions
+
+    assert create_engine(EngineOptions(kind="hf", model="m", gpus="0,1"), print) == "pool"
+    assert built["devices"] == ["cuda:0", "cuda:1"] and built["scheduler_cores"] is kept
+
+
+def test_a_bad_scheduler_core_switch_is_an_input_error_naming_it(monkeypatch):
+    monkeypatch.setenv("FASTMAYA_SCHEDULER_CORE", "yes")
+    from fastmaya_cli.render import EngineOptions
+
+    with pytest.raises(InputError, match="FASTMAYA_SCHEDULER_CORE") as raised:
+        create_engine(EngineOptions(kind="hf", model="m", gpus="0,1"), print)
+    assert "0" in raised.value.fix and raised.value.exit_code == 2

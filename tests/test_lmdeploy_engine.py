@@ -62,7 +62,7 @@ class FakePipeline:
         loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=loop.run_forever, daemon=True)
         self.thread.start()
-        self.internal_thread = types.SimpleNamespace(loop=loop)
+        self.internal_thread = types.SimpleNamespace(loop=loop, thread=self.thread)  # as lmdeploy's _EventLoopThread
 
     def close(self) -> None:
         self.internal_thread.loop.call_soon_threadsafe(self.internal_thread.loop.stop)
@@ -93,6 +93,14 @@ def _requests(count: int, tokens: int = 14) -> list[Request]:
 
 def _expected(request: Request) -> tuple[int, ...]:
     return tuple(AUDIO + (request.seed * 7 + i) % 4096 for i in range(request.max_new_tokens))
+
+
+def test_the_scheduler_thread_is_the_one_that_runs_lmdeploys_event_loop(engine):
+    async def current_thread() -> int:
+        return threading.get_native_id()
+
+    running = asyncio.run_coroutine_threadsafe(current_thread(), engine.loop).result(timeout=5)
+    assert engine.scheduler_thread_id == running != threading.get_native_id()
 
 
 def test_every_request_answered_once_with_its_own_tokens_within_the_inflight_bound(engine):

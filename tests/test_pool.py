@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fastmaya_cli import cores
 from fastmaya_cli.engines import Generation, Request
 from fastmaya_cli.engines.feed import RequestFeed, batches
 from fastmaya_cli.engines.pool import (
@@ -555,3 +556,78 @@ def test_two_hf_workers_give_what_one_hf_engine_gives(tiny_model) -> None:
         single.close()
         torch.set_num_threads(threads)
     assert all(s["chunks"] > 0 and s["tokens"] > 0 for s in stats.values()), stats
+
+
+@dataclass
+class ThreadedEngine(ScriptedEngine):
+    """A scripted engine with a thread of its own that stands for LMDeploy's scheduler thread."""
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        thread = threading.Thread(target=self._stop.wait, daemon=True)
+        thread.start()
+        self.scheduler_thread_id = thread.native_id
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def affinities(pid: int | None = None) -> dict[int, set[int]]:
+    return {tid: os.sched_getaffinity(tid) for tid in cores.thread_ids(pid)}
+
+
+@pytest.fixture
+def one_core_a_cpu(monkeypatch: pytest.MonkeyPatch) -> tuple[set[int], set[int]]:
+    """Each allowed CPU counted as a core and any CPU enough for the rest, so a 2-CPU machine can keep
+    one; returns the CPU the scheduler should get and those everything else should."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("placing threads needs at least two CPUs")
+    monkeypatch.setattr(cores, "physical_cores", lambda cpus, *_: [frozenset({c}) for c in sorted(cpus)])
+    monkeypatch.setattr(cores, "MIN_CPUS_LEFT", 1)
+    return {allowed[-1]}, set(allowed[:-1])
+
+
+def test_the_scheduler_thread_has_a_core_of_its_own_and_every_other_thread_stays_off_it(one_core_a_cpu) -> None:
+    kept, others = one_core_a_cpu
+    everywhere = kept | others
+    with EnginePool(EngineSpec(f"{__name__}:ThreadedEngine"), ["cpu"]) as pool:
+        assert pool.core_plan == cores.CorePlan((frozenset(kept),), frozenset(others))
+        assert wait_until(lambda: next(iter(pool.stats().values()))["scheduler_cpus"] == sorted(kept))
+        (worker,) = pool.stats().values()
+        scheduler = worker["scheduler_thread"]
+        in_worker = affinities(worker["pid"])
+        assert in_worker.pop(scheduler) == kept
+        assert in_worker and all(cpus == others for cpus in in_worker.values())
+        assert all(cpus == others for cpus in affinities().values())  # this process's threads
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert child.stdout.strip() == str(sorted(others))  # and what it starts, an encoder say
+        requests = make_requests(20)
+        assert collect(pool, requests) == single_engine_results(requests)
+
+        assert pool.keep_scheduler_cores(False) is None
+        # The worker answers once every thread of its own is placed.
+        assert wait_until(lambda: pool.stats()[worker["device"]]["scheduler_cpus"] is None)
+        assert all(cpus == everywhere for cpus in affinities(worker["pid"]).values())
+        assert all(cpus == everywhere for cpus in affinities().values())
+
+        assert pool.keep_scheduler_cores(True) is not None
+        assert wait_until(lambda: os.sched_getaffinity(scheduler) == kept)
+        assert all(cpus == others for cpus in affinities().values())
+    assert all(cpus == everywhere for cpus in affinities().values())  # closing frees this process again
+
+
+def test_an_engine_without_a_scheduler_thread_leaves_every_cpu_to_everyone(one_core_a_cpu) -> None:
+    kept, others = one_core_a_cpu
+    with EnginePool(EngineSpec(SCRIPTED), ["cpu"]) as pool:
+        assert pool.core_plan is None
+        assert pool.keep_scheduler_cores(True) is None
+        (worker,) = pool.stats().values()
+        assert worker["scheduler_thread"] is None and worker["scheduler_cpus"] is None
+        assert all(cpus == kept | others for cpus in affinities().values())
+        assert all(cpus == kept | others for cpus in affinities(worker["pid"]).values())

@@ -19,7 +19,7 @@ import platform
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -48,7 +48,13 @@ NOVEL_BASELINES: dict[str, dict[str, object]] = {
     "ffmpeg-join": {"join_with_ffmpeg": True},  # m4b parts joined by ffmpeg's remux, as before mp4
     "join-after": {"join_after_render": True},  # m4b early parts joined after the last chunk, as before
 }
-NOVEL_STAGES = frozenset({"novel-llm", "novel", "decode-mix"} | {f"novel-{v}" for v in NOVEL_BASELINES})
+# The novel's LLM-only pass or render with every thread free to run on any CPU, as before the engine's
+# scheduler thread had a core of its own (`cores`): an A/B in one process, with the same engine.
+SHARED_CORES = "shared-cores"
+NOVEL_STAGES = frozenset(
+    {"novel-llm", "novel", "decode-mix", f"novel-llm-{SHARED_CORES}", f"novel-{SHARED_CORES}"}
+    | {f"novel-{v}" for v in NOVEL_BASELINES}
+)
 # The stages that run on the LMDeploy renderer (its engine, SNAC and upsampler), built once for all of them.
 RENDERER_STAGES = NOVEL_STAGES | {"llm", "render", "bs1", "contention"}
 GPU_STAGES = RENDERER_STAGES | {"hf", "upsampler", "codec"}
@@ -141,9 +147,30 @@ class MemoryPeak:
 
 def novel_runs(stages: Sequence[str]) -> list[str]:
     """The novel's passes in the order `stages` names them, as often as it names them: "llm" (LLM only),
-    "novel" (the render) or a NOVEL_BASELINES variant."""
+    "novel" (the render), either with SHARED_CORES, or a NOVEL_BASELINES variant."""
+    plain = ("llm", "novel", f"llm-{SHARED_CORES}", SHARED_CORES)
     runs = [name.removeprefix("novel-") for name in stages if name.startswith("novel")]
-    return [run for run in runs if run in ("llm", "novel") or run in NOVEL_BASELINES]
+    return [run for run in runs if run in plain or run in NOVEL_BASELINES]
+
+
+@contextlib.contextmanager
+def scheduler_cores(engine, keep: bool) -> Iterator[dict]:  # noqa: ANN001 - an Engine
+    """Within it, the engine's scheduler threads have a core of their own or not (`EnginePool.
+    keep_scheduler_cores`); after it, they have one again, as a render has. Yields the row's note: where
+    the scheduler threads ran, once the workers have said so."""
+    keep_cores = getattr(engine, "keep_scheduler_cores", None)
+    note: dict = {}
+    if keep_cores is None:
+        yield note
+        return
+    plan = keep_cores(keep)
+    time.sleep(0.2)  # the workers place their threads on their reader threads
+    note["scheduler_cpus"] = [w.get("scheduler_cpus") for w in engine.stats().values()]
+    note["other_cpus"] = len(plan.others) if plan is not None else None
+    try:
+        yield note
+    finally:
+        keep_cores(True)
 
 
 def allocator_counts() -> dict[str, float]:
@@ -788,20 +815,35 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         # names them, so an A/B can take turns (novel-llm,novel,novel-VARIANT,novel,novel-llm) and show
         # what the order alone does.
         for variant in novel_runs(opts.stages):
-            if variant == "llm":
-                # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
-                emit(_run_llm(novel_renderer, novel_chunks, "llm-novel", name))
-            elif variant in NOVEL_BASELINES:
-                before = _sharing(novel_renderer, **NOVEL_BASELINES[variant])
-                stage = f"render-novel-{variant}"
-                emit(_run_render(before, novel, novel_out, stage, name, opts.render_loudness))
-            else:
-                for count in opts.novel_early_encoders or (None,):
-                    changed = (
-                        novel_renderer if count is None else _sharing(novel_renderer, early_encoders=count)
-                    )
-                    stage = "render-novel" if count is None else f"render-novel-early-encoders-{count}"
-                    emit(_run_render(changed, novel, novel_out, stage, name, opts.render_loudness))
+            shared = variant.endswith(SHARED_CORES)
+            suffix = f"-{SHARED_CORES}" if shared else ""
+            results: list[StageResult] = []
+            with scheduler_cores(renderer.engine, keep=not shared) as placed:
+                if variant.startswith("llm"):
+                    # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
+                    results.append(_run_llm(novel_renderer, novel_chunks, f"llm-novel{suffix}", name))
+                elif variant in NOVEL_BASELINES:
+                    before = _sharing(novel_renderer, **NOVEL_BASELINES[variant])
+                    stage = f"render-novel-{variant}"
+                    results.append(_run_render(before, novel, novel_out, stage, name, opts.render_loudness))
+                else:
+                    for count in opts.novel_early_encoders or (None,):
+                        changed = (
+                            novel_renderer
+                            if count is None
+                            else _sharing(novel_renderer, early_encoders=count)
+                        )
+                        stage = (
+                            f"render-novel{suffix}"
+                            if count is None
+                            else f"render-novel-early-encoders-{count}"
+                        )
+                        results.append(
+                            _run_render(changed, novel, novel_out, stage, name, opts.render_loudness)
+                        )
+            for result in results:
+                result.notes.update(placed)
+                emit(result)
         if "novel" in opts.stages:
             pool_stats = getattr(renderer.engine, "stats", None)
             if callable(pool_stats):
@@ -837,17 +879,22 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
 
 
 def novel_shares(stages: Sequence[StageResult]) -> list[tuple[str, float]]:
-    """Each render of the novel against the LLM-only pass of the novel run last before it, in order.
+    """Each render of the novel against the LLM-only pass of the novel run last before it, in order; a
+    render with shared cores against the last such LLM-only pass.
 
     The engine's first pass after start can be the slow one (run L1: 56.7 s, then 48.6 s for the same
     chunks, LLM only; run L2: the same twice), so a render is compared with the pass nearest before it, and
     a bench that wants the engine warm names novel-llm twice before the first render."""
-    shares, anchor = [], None
+    shares: list[tuple[str, float]] = []
+    anchors: dict[bool, StageResult] = {}
     for stage in stages:
-        if stage.stage == "llm-novel":
-            anchor = stage
-        elif stage.stage.startswith("render-novel") and anchor is not None and anchor.audio_per_s:
-            shares.append((stage.stage, round(stage.audio_per_s / anchor.audio_per_s, 3)))
+        shared = stage.stage.endswith(SHARED_CORES)
+        if stage.stage.startswith("llm-novel"):
+            anchors[shared] = stage
+        elif stage.stage.startswith("render-novel"):
+            anchor = anchors.get(shared)
+            if anchor is not None and anchor.audio_per_s:
+                shares.append((stage.stage, round(stage.audio_per_s / anchor.audio_per_s, 3)))
     return shares
 
 
@@ -861,7 +908,7 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
     shares = novel_shares(stages)
     if shares:
         summary["novel_shares_of_llm_only"] = shares
-    for variant in ("", *(f"-{v}" for v in NOVEL_BASELINES)):
+    for variant in ("", f"-{SHARED_CORES}", *(f"-{v}" for v in NOVEL_BASELINES)):
         first = next((share for stage, share in shares if stage == f"render-novel{variant}"), None)
         if first is not None:
             summary[f"novel{variant.replace('-', '_')}_render_share_of_llm_only"] = first

@@ -468,8 +468,10 @@ def bench(
         typer.Option(
             help="Comma list: hf,llm,render,novel-llm,novel,decode-mix,bs1,upsampler,codec (GPU) and "
             "finish (CPU only); also contention (GPU): LLM-only passes alone, beside a render's CPU work, "
-            "and beside its decoder's GPU work; and novel-decode-before, novel-ffmpeg-join (GPU): the "
-            "novel rendered as before a change, an A/B with novel in one run."
+            "and beside its decoder's GPU work; novel-decode-before, novel-ffmpeg-join, novel-join-after "
+            "(GPU): the novel rendered as before a change, an A/B with novel in one run; and "
+            "novel-llm-shared-cores, novel-shared-cores (GPU): the novel with no core kept for the engine's "
+            "scheduler thread."
         ),
     ] = "hf,llm,render,novel-llm,novel,decode-mix,bs1,upsampler,codec,finish",
     limit: Annotated[int | None, typer.Option(help="Render only the novel's first N chunks.")] = None,

@@ -91,6 +91,18 @@ def lmdeploy_overrides() -> dict:
     return value
 
 
+def scheduler_cores_wanted() -> bool:
+    """Whether each engine worker's scheduler thread gets a core of its own (`cores`): yes, unless
+    FASTMAYA_SCHEDULER_CORE=0 (for a host shared with other work, or an A/B)."""
+    text = os.environ.get("FASTMAYA_SCHEDULER_CORE", "").strip()
+    if text not in ("", "0", "1"):
+        raise InputError(
+            f"FASTMAYA_SCHEDULER_CORE is {text!r}, which is neither 0 nor 1.",
+            "Set it to 0 to let the engine's scheduler thread share its core, 1 (the default) to keep one for it.",
+        )
+    return text != "0"
+
+
 FACTORIES = {
     "hf": "fastmaya_cli.engines.hf:HFEngine",
     "lmdeploy": "fastmaya_cli.engines.lmdeploy:LMDeployEngine",
@@ -124,7 +136,9 @@ def create_engine(options: EngineOptions, note: Callable[[str], None]) -> Engine
 
         if len(devices) > 1:
             note(f"data-parallel: one {kind} engine on each of GPUs {', '.join(map(str, gpus))}")
-        return EnginePool(EngineSpec(FACTORIES[kind], kwargs), devices, on_event=note)
+        return EnginePool(
+            EngineSpec(FACTORIES[kind], kwargs), devices, on_event=note, scheduler_cores=scheduler_cores_wanted()
+        )
     if kind == "hf":
         from .hf import HFEngine
 

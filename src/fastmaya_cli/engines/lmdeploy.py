@@ -93,6 +93,10 @@ class LMDeployEngine:
         self.load_seconds = time.perf_counter() - started
         self.engine = self.pipe.async_engine
         self.loop = self.pipe.internal_thread.loop
+        # The thread that runs LMDeploy's event loop, and with it every decode step: the pool gives it a
+        # core of its own (see `cores`).
+        loop_thread = getattr(self.pipe.internal_thread, "thread", None)
+        self.scheduler_thread_id: int | None = getattr(loop_thread, "native_id", None)
         _skip_text_detokenisation(self.engine)
 
     def _gen_config(self, request: Request):  # noqa: ANN202 - lmdeploy.GenerationConfig

@@ -48,6 +48,7 @@ from multiprocessing.connection import wait as wait_for_ready
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from .. import cores
 from ..errors import FastmayaError, InputError, RuntimeFailure
 from . import Generation, Request
 from .feed import RequestFeed
@@ -300,24 +301,53 @@ def _worker_main(
         # An error meant for the user (a model that does not fit, say) keeps its own fix.
         advice = (exc.problem, exc.fix, exc.exit_code) if isinstance(exc, FastmayaError) else None
         with contextlib.suppress(OSError):
-            conn.send(("build_error", f"{type(exc).__name__}: {exc}", advice))
+            _send(conn, ("build_error", f"{type(exc).__name__}: {exc}", advice))
         return
     try:
-        conn.send(("ready", getattr(engine, "name", type(engine).__name__), engine_depth(engine)))
-        _serve(engine, conn, name, GcClock().install())
+        scheduler = getattr(engine, "scheduler_thread_id", None)
+        _send(
+            conn, ("ready", getattr(engine, "name", type(engine).__name__), engine_depth(engine), scheduler)
+        )
+        _serve(engine, conn, name, GcClock().install(), scheduler)
     except (EOFError, OSError):
         pass  # the parent is gone
     except BaseException as exc:
         traceback.print_exc()  # the whole story on stderr; the parent tells the user the last line
         with contextlib.suppress(OSError):
-            conn.send(("crash", f"{type(exc).__name__}: {exc}"))
+            _send(conn, ("crash", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     finally:
         with contextlib.suppress(Exception):
             engine.close()
 
 
-def _read_parent(conn: Connection, runs: queue.Queue[WorkerFeed | None]) -> None:
+def _place_worker_threads(
+    conn: Connection, scheduler: int | None, scheduler_cpus: list[int] | None, others: list[int]
+) -> None:
+    """Give the engine's scheduler thread the CPUs of its own core and this worker's other threads
+    `others`; with no `scheduler_cpus`, every thread goes on `others`. Tells the parent where the
+    scheduler thread now runs (None: anywhere the others may)."""
+    if scheduler is None:
+        return
+    cores.place_threads(others, except_ids=() if scheduler_cpus is None else {scheduler})
+    placed = scheduler_cpus is not None and cores.place_thread(scheduler, scheduler_cpus)
+    if not placed:
+        cores.place_thread(scheduler, others)
+    _send(conn, ("cores", sorted(scheduler_cpus) if placed and scheduler_cpus else None))
+
+
+# The worker's main thread sends results while its reader thread may answer the parent.
+_SEND_LOCK = threading.Lock()
+
+
+def _send(conn: Connection, message: tuple[Any, ...]) -> None:
+    with _SEND_LOCK:
+        conn.send(message)
+
+
+def _read_parent(
+    conn: Connection, runs: queue.Queue[WorkerFeed | None], scheduler: int | None = None
+) -> None:
     """The worker's reader thread: it fills the current run's feed while the engine generates."""
     current: WorkerFeed | None = None
     try:
@@ -335,6 +365,8 @@ def _read_parent(conn: Connection, runs: queue.Queue[WorkerFeed | None]) -> None
             elif kind == "cancel":
                 if current is not None and current.run_id == message[1]:
                     current.end()
+            elif kind == "cores":
+                _place_worker_threads(conn, scheduler, message[1], message[2])
             elif kind == "stop":
                 return
     except Exception:  # the parent is gone (EOF, OSError) or sent something unreadable: stop either way
@@ -345,14 +377,14 @@ def _read_parent(conn: Connection, runs: queue.Queue[WorkerFeed | None]) -> None
         runs.put(None)
 
 
-def _serve(engine: Any, conn: Connection, name: str, gc_clock: GcClock) -> None:
+def _serve(engine: Any, conn: Connection, name: str, gc_clock: GcClock, scheduler: int | None = None) -> None:
     runs: queue.Queue[WorkerFeed | None] = queue.Queue()
     threading.Thread(
-        target=_read_parent, args=(conn, runs), name="fastmaya-worker-reader", daemon=True
+        target=_read_parent, args=(conn, runs, scheduler), name="fastmaya-worker-reader", daemon=True
     ).start()
     while (feed := runs.get()) is not None:
         reported_busy = _serve_run(engine, conn, feed, name, gc_clock)
-        conn.send(("run_done", feed.run_id, feed.busy_seconds() - reported_busy))
+        _send(conn, ("run_done", feed.run_id, feed.busy_seconds() - reported_busy))
 
 
 def _serve_run(engine: Any, conn: Connection, feed: WorkerFeed, name: str, gc_clock: GcClock) -> float:
@@ -367,15 +399,15 @@ def _serve_run(engine: Any, conn: Connection, feed: WorkerFeed, name: str, gc_cl
             if feed.over:
                 break
         calls += 1
-        conn.send(("generate", feed.run_id))
+        _send(conn, ("generate", feed.run_id))
         pulled_before, produced = feed.pulled, 0
         results = iter(engine.generate(feed))
         try:
             for generation in results:
                 feed.answered(generation.chunk_index)
                 busy = feed.busy_seconds()
-                conn.send(
-                    ("result", feed.run_id, generation, busy - reported_busy, gc_clock.since_reported())
+                _send(
+                    conn, ("result", feed.run_id, generation, busy - reported_busy, gc_clock.since_reported())
                 )
                 reported_busy, produced = busy, produced + 1
                 if feed.over:
@@ -389,7 +421,7 @@ def _serve_run(engine: Any, conn: Connection, feed: WorkerFeed, name: str, gc_cl
             break
         for index in missing:
             error = f"the engine on {name} returned no result for this chunk"
-            conn.send(("result", feed.run_id, Generation(index, (), "error", error=error), 0.0, (0.0, 0)))
+            _send(conn, ("result", feed.run_id, Generation(index, (), "error", error=error), 0.0, (0.0, 0)))
         if not produced and feed.pulled == pulled_before:
             raise RuntimeError(f"{type(engine).__name__}.generate returned without taking a request")
     return reported_busy
@@ -450,6 +482,8 @@ class _Worker:
     gc_full: int = 0
     generate_calls: int = 0
     error: str = ""
+    scheduler: int | None = None  # its engine's scheduler thread (see `cores`), if it has one
+    scheduler_cpus: list[int] | None = None  # where that thread has a core of its own, as it reported
 
     @property
     def refill_step(self) -> int:
@@ -513,6 +547,7 @@ class EnginePool:
         on_event: Callable[[str], None] | None = None,
         start_timeout_s: float = 600,
         speculative_tail: bool = True,
+        scheduler_cores: bool = True,
     ) -> None:
         if not devices:
             raise RuntimeFailure("No devices were given to the engine pool.", "Name at least one device.")
@@ -553,6 +588,10 @@ class EnginePool:
             raise
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="fastmaya-pool", daemon=True)
         self._dispatcher.start()
+        self._cpus = cores.allowed_cpus()
+        self.core_plan: cores.CorePlan | None = None
+        if scheduler_cores:
+            self.keep_scheduler_cores(True)
 
     # ---- start-up
 
@@ -604,6 +643,7 @@ class EnginePool:
                         advice[worker.name] = message[2]
                 else:
                     worker.depth = self._inflight or message[2] or DEFAULT_DEPTH
+                    worker.scheduler = message[3] if len(message) > 3 else None
         for worker in waiting.values():
             failures[worker.name] = f"it did not start within {timeout_s:g} s"
 
@@ -730,7 +770,8 @@ class EnginePool:
         copy came first, or the run was over), tokens generated (all of them), seconds its engine held
         work, seconds in its garbage collector and its full collections (`GcClock`), how many times
         `engine.generate` was called (once per run it took part in, unless the engine returned early), how
-        many chunks it may hold, and whether it is alive (with its error if not)."""
+        many chunks it may hold, its engine's scheduler thread and the CPUs of the core that thread has
+        to itself (see `keep_scheduler_cores`), and whether it is alive (with its error if not)."""
         with self._lock:
             return {
                 w.name: {
@@ -745,10 +786,33 @@ class EnginePool:
                     "gc_full": w.gc_full,
                     "generate_calls": w.generate_calls,
                     "inflight": w.depth,
+                    "scheduler_thread": w.scheduler,
+                    "scheduler_cpus": w.scheduler_cpus,
                     "error": w.error,
                 }
                 for w in self._workers
             }
+
+    def keep_scheduler_cores(self, keep: bool) -> cores.CorePlan | None:
+        """Give each worker's engine scheduler thread a core of its own and keep every other thread of the
+        run, this process's included, off those cores (see `cores`); with `keep` False, or where no core can
+        be spared, let every thread run anywhere again. Returns the plan now in force. The workers place
+        their threads a moment later; `stats()` shows where each scheduler thread went."""
+        with self._lock:
+            workers = [w for w in self._workers if w.alive and w.scheduler is not None]
+            plan = None
+            if keep and self._cpus is not None and workers:
+                plan = cores.plan_cores(cores.physical_cores(self._cpus), len(workers))
+            if self._cpus is None or (plan is None and self.core_plan is None):
+                return None
+            others = plan.others if plan is not None else self._cpus
+            for i, w in enumerate(workers):
+                kept = sorted(plan.schedulers[i]) if plan is not None else None
+                with contextlib.suppress(OSError):
+                    w.conn.send(("cores", kept, sorted(others)))
+            cores.place_threads(others)
+            self.core_plan = plan
+            return plan
 
     def close(self) -> None:
         self._shutdown(grace_s=_STOP_GRACE_S)
@@ -778,6 +842,9 @@ class EnginePool:
         self._finalizer.detach()
         os.close(self._wake_read)
         os.close(self._wake_write)
+        if self.core_plan is not None and self._cpus is not None:
+            cores.place_threads(self._cpus)  # this process's threads may run anywhere again
+            self.core_plan = None
         if grace_s > 0:
             self._flush_events()
 
@@ -918,6 +985,8 @@ class EnginePool:
                 leftover, w.assigned, w.in_run = w.assigned, {}, False
                 if run is not None and run.id == run_id:  # not expected: the parent ends a worker's run
                     self._requeue(run, leftover.values())
+        elif kind == "cores":
+            w.scheduler_cpus = message[1]
         elif kind == "crash":
             w.error = message[1]
 
