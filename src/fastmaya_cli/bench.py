@@ -157,14 +157,13 @@ def novel_runs(stages: Sequence[str]) -> list[str]:
 def scheduler_cores(engine, keep: bool) -> Iterator[dict]:  # noqa: ANN001 - an Engine
     """Within it, the engine's scheduler threads have a core of their own or not (`EnginePool.
     keep_scheduler_cores`); after it, they have one again, as a render has. Yields the row's note: where
-    the scheduler threads ran, once the workers have said so."""
+    the scheduler threads ran, as the workers said."""
     keep_cores = getattr(engine, "keep_scheduler_cores", None)
     note: dict = {}
     if keep_cores is None:
         yield note
         return
     plan = keep_cores(keep)
-    time.sleep(0.2)  # the workers place their threads on their reader threads
     note["scheduler_cpus"] = [w.get("scheduler_cpus") for w in engine.stats().values()]
     note["other_cpus"] = len(plan.others) if plan is not None else None
     try:

@@ -86,17 +86,12 @@ def thread_ids(pid: int | None = None) -> list[int]:
     return []
 
 
-def place_threads(cpus: Collection[int], *, except_ids: Collection[int] = ()) -> int:
+def place_threads(cpus: Collection[int], *, except_ids: Collection[int] = ()) -> None:
     """Put every thread of this process but `except_ids` on `cpus`; threads and processes they start later
-    inherit it. Returns how many threads were placed (a thread that ended meanwhile is skipped)."""
-    placed = 0
+    inherit it. A thread that ended meanwhile is skipped."""
     for tid in thread_ids():
-        if tid in except_ids:
-            continue
-        with suppress(OSError):  # ended meanwhile, or not ours to move
-            os.sched_setaffinity(tid, cpus)
-            placed += 1
-    return placed
+        if tid not in except_ids:
+            place_thread(tid, cpus)
 
 
 def place_thread(tid: int, cpus: Collection[int]) -> bool:

@@ -58,6 +58,8 @@ WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", 
 
 DEFAULT_DEPTH = 256
 _STOP_GRACE_S = 10.0
+# How long keep_scheduler_cores waits for the workers to say they have placed their threads.
+_PLACEMENT_WAIT_S = 5.0
 _POLL_S = 0.5
 # A worker is topped up once an eighth of its depth has come back: its engine stays at least 7/8 full
 # without a message per chunk.
@@ -329,11 +331,15 @@ def _place_worker_threads(
     scheduler thread now runs (None: anywhere the others may)."""
     if scheduler is None:
         return
-    cores.place_threads(others, except_ids=() if scheduler_cpus is None else {scheduler})
-    placed = scheduler_cpus is not None and cores.place_thread(scheduler, scheduler_cpus)
+    if scheduler_cpus is None:
+        cores.place_threads(others)
+        _send(conn, ("cores", None))
+        return
+    cores.place_threads(others, except_ids={scheduler})
+    placed = cores.place_thread(scheduler, scheduler_cpus)
     if not placed:
         cores.place_thread(scheduler, others)
-    _send(conn, ("cores", sorted(scheduler_cpus) if placed and scheduler_cpus else None))
+    _send(conn, ("cores", scheduler_cpus if placed else None))
 
 
 # The worker's main thread sends results while its reader thread may answer the parent.
@@ -484,6 +490,7 @@ class _Worker:
     error: str = ""
     scheduler: int | None = None  # its engine's scheduler thread (see `cores`), if it has one
     scheduler_cpus: list[int] | None = None  # where that thread has a core of its own, as it reported
+    placements: int = 0  # how many times it has reported placing its threads
 
     @property
     def refill_step(self) -> int:
@@ -643,7 +650,7 @@ class EnginePool:
                         advice[worker.name] = message[2]
                 else:
                     worker.depth = self._inflight or message[2] or DEFAULT_DEPTH
-                    worker.scheduler = message[3] if len(message) > 3 else None
+                    worker.scheduler = message[3]
         for worker in waiting.values():
             failures[worker.name] = f"it did not start within {timeout_s:g} s"
 
@@ -797,21 +804,29 @@ class EnginePool:
         """Give each worker's engine scheduler thread a core of its own and keep every other thread of the
         run, this process's included, off those cores (see `cores`); with `keep` False, or where no core can
         be spared, let every thread run anywhere again. Returns the plan now in force. The workers place
-        their threads a moment later; `stats()` shows where each scheduler thread went."""
+        their threads on their reader threads; this waits until each has said so (at most
+        `_PLACEMENT_WAIT_S`), and `stats()` then shows where each scheduler thread went."""
+        if self._cpus is None:
+            return None
         with self._lock:
             workers = [w for w in self._workers if w.alive and w.scheduler is not None]
-            plan = None
-            if keep and self._cpus is not None and workers:
-                plan = cores.plan_cores(cores.physical_cores(self._cpus), len(workers))
-            if self._cpus is None or (plan is None and self.core_plan is None):
+            plan = (
+                cores.plan_cores(cores.physical_cores(self._cpus), len(workers)) if keep and workers else None
+            )
+            if plan is None and self.core_plan is None:
                 return None
             others = plan.others if plan is not None else self._cpus
+            asked: list[tuple[_Worker, int]] = []  # each worker asked, with its placements before
             for i, w in enumerate(workers):
                 kept = sorted(plan.schedulers[i]) if plan is not None else None
                 with contextlib.suppress(OSError):
                     w.conn.send(("cores", kept, sorted(others)))
+                    asked.append((w, w.placements))
             cores.place_threads(others)
             self.core_plan = plan
+            self._room.wait_for(
+                lambda: all(not w.alive or w.placements > before for w, before in asked), _PLACEMENT_WAIT_S
+            )
             return plan
 
     def close(self) -> None:
@@ -987,6 +1002,7 @@ class EnginePool:
                     self._requeue(run, leftover.values())
         elif kind == "cores":
             w.scheduler_cpus = message[1]
+            w.placements += 1
         elif kind == "crash":
             w.error = message[1]
 
