@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,15 @@ def offline_hub() -> None:
     """No test may touch the network: the hub client is told it is offline."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_is_heard() -> None:
+    """A shell starts a background job (`make test &`, nohup, some CI runners) with SIGINT ignored, and
+    Python then never raises KeyboardInterrupt; the interrupt tests need it heard here and in the renders
+    they start (a Python handler is reset to the default across exec)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
