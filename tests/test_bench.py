@@ -226,14 +226,14 @@ def test_decode_mix_measures_book_order_calls_against_planned_ones():
     assert planned_pageable.notes["snac_padding"] == planned.notes["snac_padding"]
 
 
-def test_each_novel_baseline_is_a_known_stage_that_changes_a_real_render_option():
+def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option():
     import dataclasses
 
     from fastmaya_cli.render import EngineOptions, RenderOptions
 
     options = RenderOptions(voice="v", engine=EngineOptions())
-    assert set(bench.NOVEL_BASELINES) == {"decode-before", "ffmpeg-join", "join-after"}
-    for variant, change in bench.NOVEL_BASELINES.items():
+    assert set(bench.NOVEL_VARIANTS) == {"decode-before", "ffmpeg-join", "join-after", "gather"}
+    for variant, change in bench.NOVEL_VARIANTS.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
         changed = dataclasses.replace(options, **change)  # a misspelt field raises here
         assert all(getattr(changed, key) == value != getattr(options, key) for key, value in change.items())
@@ -302,10 +302,12 @@ def test_a_pass_runs_with_the_cores_asked_for_and_the_engine_keeps_its_core_afte
     assert note == {}
 
 
-def test_a_render_with_shared_cores_is_compared_with_the_last_llm_only_pass_with_shared_cores():
-    def row(stage, wall):
-        return StageResult(stage, "lmdeploy", 1000, 0, 1000.0, wall, 0.0)
+def row(stage: str, wall: float) -> StageResult:
+    """A novel row of 1,000 s of speech that took `wall` seconds."""
+    return StageResult(stage, "lmdeploy", 1000, 0, 1000.0, wall, 0.0)
 
+
+def test_a_render_with_shared_cores_is_compared_with_the_last_llm_only_pass_with_shared_cores():
     stages = [
         row("llm-novel-shared-cores", 10.0),
         row("llm-novel", 8.0),
@@ -356,9 +358,6 @@ def test_the_trace_summary_counts_chunks_by_quarter_of_generation_and_the_decode
 
 
 def test_each_novel_render_is_compared_with_the_llm_only_pass_run_last_before_it():
-    def row(stage, wall):
-        return StageResult(stage, "lmdeploy", 1000, 0, 1000.0, wall, 0.0)
-
     stages = [
         row("llm-novel", 10.0),  # the engine's first pass, slower
         row("llm-novel", 8.0),
@@ -377,3 +376,25 @@ def test_each_novel_render_is_compared_with_the_llm_only_pass_run_last_before_it
     assert report["summary"]["novel_render_share_of_llm_only"] == 0.8  # the first render's
     assert report["summary"]["novel_join_after_render_share_of_llm_only"] == 0.5
     assert bench.novel_shares([row("render-novel", 10.0)]) == []  # no pass before it
+
+
+def test_each_novel_render_is_also_compared_with_the_mean_of_the_llm_only_passes_around_it():
+    stages = [
+        row("llm-novel", 10.0),
+        row("llm-novel", 8.0),
+        row("render-novel", 10.0),
+        row("llm-novel-shared-cores", 2.0),  # another kind: not an anchor of the renders with a kept core
+        row("render-novel-gather", 16.0),
+        row("llm-novel", 4.0),
+        row("render-novel-shared-cores", 4.0),
+        row("llm-novel-shared-cores", 6.0),
+        row("render-novel", 1.0),  # nothing after it
+    ]
+    assert bench.novel_bracketed_shares(stages) == [
+        ("render-novel", 0.6),  # the mean of 8 s and 4 s against 10 s
+        ("render-novel-gather", 0.375),
+        ("render-novel-shared-cores", 1.0),  # the mean of 2 s and 6 s
+    ]
+    report: dict = {}
+    bench._summarise(report, stages)
+    assert report["summary"]["novel_shares_of_bracketing_llm_only"][0] == ("render-novel", 0.6)

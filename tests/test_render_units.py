@@ -65,6 +65,87 @@ def test_decode_queue_stop_releases_a_waiting_decoder():
     assert taken == [None]
 
 
+def _take_in_thread(queue: DecodeQueue, most: int) -> tuple[threading.Thread, list]:
+    taken: list = []
+
+    def take() -> None:
+        started = time.monotonic()
+        taken.append((queue.take(most), time.monotonic() - started))
+
+    waiter = threading.Thread(target=take)
+    waiter.start()
+    return waiter, taken
+
+
+def test_decode_queue_gathers_a_full_call_while_chunks_are_still_generating():
+    queue = DecodeQueue([1.0] * 40, ahead_s=1800.0, gather=4, patience_s=60.0)
+    for index in (0, 1):
+        queue.resolve(index)
+    waiter, taken = _take_in_thread(queue, 16)
+    waiter.join(0.3)
+    assert waiter.is_alive()  # two ready, 38 still generating: it waits for a fuller call
+    for index in (5, 2):
+        queue.resolve(index)
+    waiter.join(5)
+    assert taken[0][0] == [0, 1, 2, 5]
+
+
+def test_decode_queue_gathers_no_longer_than_its_patience():
+    queue = DecodeQueue([1.0] * 40, ahead_s=1800.0, gather=16, patience_s=0.3)
+    queue.resolve(3)
+    waiter, taken = _take_in_thread(queue, 16)
+    waiter.join(5)
+    chunks, waited_s = taken[0]
+    assert chunks == [3]
+    assert 0.25 <= waited_s < 5
+
+
+def test_decode_queue_hands_out_at_once_when_nothing_is_left_to_generate():
+    queue = DecodeQueue([1.0] * 5, ahead_s=1800.0, gather=16, patience_s=60.0)
+    for index in (0, 1):
+        queue.resolve(index)
+    assert queue.take(1) == [0]  # `most` reached: a full call
+    for index in (2, 3, 4):
+        queue.resolve(index)
+    waiter, taken = _take_in_thread(queue, 16)
+    waiter.join(5)
+    assert taken[0][0] == [1, 2, 3, 4]  # every chunk left is resolved: no reason to wait
+    assert taken[0][1] < 5
+
+
+def test_decode_queue_does_not_gather_past_the_bound_on_audio_held():
+    queue = DecodeQueue([10.0] * 40, ahead_s=25.0, gather=16, patience_s=60.0)
+    for index in (1, 2, 3):
+        queue.resolve(index)
+    waiter, taken = _take_in_thread(queue, 16)
+    waiter.join(5)
+    assert taken[0][0] == [1, 2]  # a third would pass the bound: more cannot come before the assembler writes
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_renderer_gathers_decode_calls_only_when_it_decodes_on_a_gpu(device):
+    from types import SimpleNamespace
+
+    from fastmaya_cli.progress import Progress
+    from fastmaya_cli.render import EngineOptions, Renderer, RenderOptions
+
+    options = RenderOptions(voice="v", engine=EngineOptions(), decode_batch=4, decode_gather_s=60.0)
+    renderer = Renderer(options, Progress("none"), engine=SimpleNamespace(device=device))
+    states = [SimpleNamespace(chunk=SimpleNamespace(seconds=1.0)) for _ in range(10)]
+    queue = renderer.decode_queue(states)
+    queue.resolve(0)
+    waiter, taken = _take_in_thread(queue, 4)
+    waiter.join(0.3)
+    if device == "cuda":
+        assert waiter.is_alive()  # one of four ready, nine still generating: it waits
+        for index in (1, 2, 3):
+            queue.resolve(index)
+        waiter.join(5)
+        assert taken[0][0] == [0, 1, 2, 3]
+    else:
+        assert taken[0][0] == [0]  # on the CPU each chunk decodes on its own: no reason to wait
+
+
 def test_pack_seconds_cuts_short_books_finer():
     assert pack_seconds(50_000, 256, 18.0) == 18.0
     assert pack_seconds(380, 256, 18.0) == pytest.approx(380 / 256)

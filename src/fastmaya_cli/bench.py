@@ -41,19 +41,21 @@ TRAVEL = "travel_145_sentences.txt"
 NOVEL = "pride_and_prejudice.txt"
 SPEECH_48K = "fastmaya1_flashsr_48k.wav"
 BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
-# The novel rendered as before a change, stage novel-VARIANT (an A/B with "novel" in one run): the
-# renderer's options for each.
-NOVEL_BASELINES: dict[str, dict[str, object]] = {
+# The novel rendered as before a change, or with a candidate that is not the default yet, stage
+# novel-VARIANT (an A/B with "novel" in one run): the renderer's options for each.
+NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     "decode-before": {"decode_as_before": True},  # decoded as before codec.plan_calls and pinned memory
     "ffmpeg-join": {"join_with_ffmpeg": True},  # m4b parts joined by ffmpeg's remux, as before mp4
     "join-after": {"join_after_render": True},  # m4b early parts joined after the last chunk, as before
+    # Candidate: the decoder waits up to 2 s for calls of 32 chunks while the engine generates.
+    "gather": {"decode_batch": 32, "decode_gather_s": 2.0},
 }
 # The novel's LLM-only pass or render with every thread free to run on any CPU, as before the engine's
 # scheduler thread had a core of its own (`cores`): an A/B in one process, with the same engine.
 SHARED_CORES = "shared-cores"
 NOVEL_STAGES = frozenset(
     {"novel-llm", "novel", "decode-mix", f"novel-llm-{SHARED_CORES}", f"novel-{SHARED_CORES}"}
-    | {f"novel-{v}" for v in NOVEL_BASELINES}
+    | {f"novel-{v}" for v in NOVEL_VARIANTS}
 )
 # The stages that run on the LMDeploy renderer (its engine, SNAC and upsampler), built once for all of them.
 RENDERER_STAGES = NOVEL_STAGES | {"llm", "render", "bs1", "contention"}
@@ -147,10 +149,10 @@ class MemoryPeak:
 
 def novel_runs(stages: Sequence[str]) -> list[str]:
     """The novel's passes in the order `stages` names them, as often as it names them: "llm" (LLM only),
-    "novel" (the render), either with SHARED_CORES, or a NOVEL_BASELINES variant."""
+    "novel" (the render), either with SHARED_CORES, or a NOVEL_VARIANTS entry."""
     plain = ("llm", "novel", f"llm-{SHARED_CORES}", SHARED_CORES)
     runs = [name.removeprefix("novel-") for name in stages if name.startswith("novel")]
-    return [run for run in runs if run in plain or run in NOVEL_BASELINES]
+    return [run for run in runs if run in plain or run in NOVEL_VARIANTS]
 
 
 @contextlib.contextmanager
@@ -821,8 +823,8 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
                 if variant.startswith("llm"):
                     # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
                     results.append(_run_llm(novel_renderer, novel_chunks, f"llm-novel{suffix}", name))
-                elif variant in NOVEL_BASELINES:
-                    before = _sharing(novel_renderer, **NOVEL_BASELINES[variant])
+                elif variant in NOVEL_VARIANTS:
+                    before = _sharing(novel_renderer, **NOVEL_VARIANTS[variant])
                     stage = f"render-novel-{variant}"
                     results.append(_run_render(before, novel, novel_out, stage, name, opts.render_loudness))
                 else:
@@ -897,6 +899,32 @@ def novel_shares(stages: Sequence[StageResult]) -> list[tuple[str, float]]:
     return shares
 
 
+def novel_bracketed_shares(stages: Sequence[StageResult]) -> list[tuple[str, float]]:
+    """Each render of the novel against the mean of the LLM-only passes nearest before and after it (of
+    the same cores kind), in order; renders without a pass on both sides are left out.
+
+    LLM-only passes of the same chunks drifted 1.03x to 1.31x within one process (runs N1, R1, R2), so a
+    render between two of them is read against both. Their mean is taken over wall times (the chunks are
+    the same), which is the harmonic mean of their audio seconds per second."""
+    anchors = [
+        (position, stage.stage.endswith(SHARED_CORES), stage)
+        for position, stage in enumerate(stages)
+        if stage.stage.startswith("llm-novel")
+    ]
+    shares: list[tuple[str, float]] = []
+    for position, stage in enumerate(stages):
+        if not stage.stage.startswith("render-novel"):
+            continue
+        kind = [(at, anchor) for at, shared, anchor in anchors if shared == stage.stage.endswith(SHARED_CORES)]
+        before = next((anchor for at, anchor in reversed(kind) if at < position), None)
+        after = next((anchor for at, anchor in kind if at > position), None)
+        if before is None or after is None or not (before.audio_per_s and after.audio_per_s):
+            continue
+        anchor_per_s = 2 / (1 / before.audio_per_s + 1 / after.audio_per_s)
+        shares.append((stage.stage, round(stage.audio_per_s / anchor_per_s, 3)))
+    return shares
+
+
 def _summarise(report: dict, stages: list[StageResult]) -> None:
     hf = next((s for s in stages if s.engine == "hf"), None)
     llm = next((s for s in stages if s.stage == "llm-travel" and s.engine != "hf"), None)
@@ -907,7 +935,10 @@ def _summarise(report: dict, stages: list[StageResult]) -> None:
     shares = novel_shares(stages)
     if shares:
         summary["novel_shares_of_llm_only"] = shares
-    for variant in ("", f"-{SHARED_CORES}", *(f"-{v}" for v in NOVEL_BASELINES)):
+    bracketed = novel_bracketed_shares(stages)
+    if bracketed:
+        summary["novel_shares_of_bracketing_llm_only"] = bracketed
+    for variant in ("", f"-{SHARED_CORES}", *(f"-{v}" for v in NOVEL_VARIANTS)):
         first = next((share for stage, share in shares if stage == f"render-novel{variant}"), None)
         if first is not None:
             summary[f"novel{variant.replace('-', '_')}_render_share_of_llm_only"] = first

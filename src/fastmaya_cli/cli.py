@@ -469,7 +469,8 @@ def bench(
             help="Comma list: hf,llm,render,novel-llm,novel,decode-mix,bs1,upsampler,codec (GPU) and "
             "finish (CPU only); also contention (GPU): LLM-only passes alone, beside a render's CPU work, "
             "and beside its decoder's GPU work; novel-decode-before, novel-ffmpeg-join, novel-join-after "
-            "(GPU): the novel rendered as before a change, an A/B with novel in one run; and "
+            "(GPU): the novel rendered as before a change, an A/B with novel in one run; novel-gather (GPU): "
+            "the novel with the decoder waiting up to 2 s for calls of 32 chunks; and "
             "novel-llm-shared-cores, novel-shared-cores (GPU): the novel with no core kept for the engine's "
             "scheduler thread."
         ),

@@ -93,6 +93,9 @@ class RenderOptions:
     max_chunk_seconds: float = 18.0
     words_per_second: float = 2.5
     decode_batch: int = 16  # the most chunks per decode call: small keeps the last chunks waiting little
+    # How long the decoder may wait for a call of decode_batch chunks while the engine generates (DecodeQueue);
+    # 0: it takes what has finished (4.2 chunks a call in the novel's render, BENCHMARKS.md run R2).
+    decode_gather_s: float = 0.0
     early_encoders: int | None = None  # encoders of the output's early parts; None: assemble.early_encoders
     decode_as_before: bool = False  # SNAC calls in book order, pageable copies: the bench's baseline
     join_with_ffmpeg: bool = False  # m4b/m4a parts joined by ffmpeg's remux, not mp4: the bench's baseline
@@ -452,11 +455,21 @@ class Renderer:
             return None
         return self.options.cache_dir / "outputs" / f"{fingerprint(str(spec.path.resolve()))}.json"
 
+    def decode_queue(self, states: Sequence[ChunkState]) -> DecodeQueue:
+        # On the CPU chunks decode one by one, so there is nothing to gather.
+        on_gpu = self.audio_device().startswith("cuda")
+        return DecodeQueue(
+            [s.chunk.seconds for s in states],
+            DECODED_AHEAD_S,
+            gather=self.options.decode_batch,
+            patience_s=self.options.decode_gather_s if on_gpu else 0.0,
+        )
+
     def _render_states(self, book: Book, states: list[ChunkState], spec: OutputSpec) -> RenderResult:
         opts = self.options
         expected_audio = sum(s.chunk.seconds for s in states)
         self.progress.start(str(book.meta.source), len(states), expected_audio)
-        tracker = DecodeQueue([s.chunk.seconds for s in states], DECODED_AHEAD_S)
+        tracker = self.decode_queue(states)
         for index, state in enumerate(states):
             hit = self.cache.get(state.key)
             if hit is not None:
@@ -607,13 +620,26 @@ class DecodeQueue:
     The decoder never holds more than `ahead_s` seconds of audio the assembler cannot write yet,
     except for the lowest chunk not yet taken: everything before it is taken, so it is always the
     next one the assembler needs, and taking it always makes progress.
+
+    With `patience_s` above 0, while chunks are still being generated a take waits until it can hand out
+    `gather` chunks, for at most `patience_s` after the earliest of them resolved. Where the engine keeps
+    the GPU busy, the driver time-slices the decoder's CUDA context with the engine's, so every call's GPU
+    time is time generation waits; fewer, fuller calls cost less of it (1,868 audio s/s at 32 chunks a call
+    against 1,480 at 4 on an H100, BENCHMARKS.md run R2). Once nothing is left to generate, or the bound
+    above stops the take short, it hands out what it has at once.
     """
 
-    def __init__(self, seconds: Sequence[float], ahead_s: float) -> None:
+    def __init__(
+        self, seconds: Sequence[float], ahead_s: float, *, gather: int = 1, patience_s: float = 0.0
+    ) -> None:
         self._seconds = list(seconds)
         self._ahead_s = ahead_s
+        self._gather = max(1, gather)
+        self._patience_s = patience_s
         self._ready: list[int] = []  # sorted
+        self._ready_since: dict[int, float] = {}  # of the ready ones, time.monotonic()
         self._taken = [False] * len(seconds)
+        self._taken_count = 0
         self._lowest_untaken = 0  # == len(seconds) once every chunk is taken
         self._held_s = 0.0
         self._cond = threading.Condition()
@@ -624,29 +650,50 @@ class DecodeQueue:
         with self._cond:
             self.resolved_at.append(time.perf_counter())
             bisect.insort(self._ready, index)
+            self._ready_since[index] = time.monotonic()
             self._cond.notify_all()
 
     def take(self, most: int) -> list[int] | None:
-        """Up to `most` resolved chunks, waiting for at least one; None once all are taken (or stopped)."""
+        """Up to `most` resolved chunks, waiting for at least one (and for more, see the class); None once
+        all are taken (or stopped)."""
         with self._cond:
             while not self._stopped and self._lowest_untaken < len(self._taken):
-                taken: list[int] = []
-                needed = self._lowest_untaken
-                for index in self._ready:
-                    if len(taken) == most:
-                        break
-                    if index != needed and self._held_s + self._seconds[index] > self._ahead_s:
-                        break
-                    taken.append(index)
-                    self._held_s += self._seconds[index]
-                    self._taken[index] = True
-                    while self._lowest_untaken < len(self._taken) and self._taken[self._lowest_untaken]:
-                        self._lowest_untaken += 1
-                if taken:
-                    del self._ready[: len(taken)]
-                    return taken
-                self._cond.wait(timeout=0.5)
+                takeable, bounded = self._takeable(most)
+                wait_s = 0.5
+                if takeable:
+                    generating = len(self._ready) < len(self._taken) - self._taken_count
+                    waited_s = time.monotonic() - min(self._ready_since[i] for i in takeable)
+                    full = len(takeable) >= min(most, self._gather)
+                    if full or bounded or not generating or waited_s >= self._patience_s:
+                        return self._hand_out(takeable)
+                    wait_s = min(wait_s, self._patience_s - waited_s)
+                self._cond.wait(timeout=wait_s)
             return None
+
+    def _takeable(self, most: int) -> tuple[list[int], bool]:
+        """The chunks a take would hand out now, and whether the bound on audio held stopped it short."""
+        takeable: list[int] = []
+        held_s = self._held_s
+        needed = self._lowest_untaken
+        for index in self._ready:
+            if len(takeable) == most:
+                break
+            if index != needed and held_s + self._seconds[index] > self._ahead_s:
+                return takeable, True
+            takeable.append(index)
+            held_s += self._seconds[index]
+        return takeable, False
+
+    def _hand_out(self, taken: list[int]) -> list[int]:
+        for index in taken:
+            self._held_s += self._seconds[index]
+            self._taken[index] = True
+            del self._ready_since[index]
+        self._taken_count += len(taken)
+        while self._lowest_untaken < len(self._taken) and self._taken[self._lowest_untaken]:
+            self._lowest_untaken += 1
+        del self._ready[: len(taken)]
+        return taken
 
     def assembled(self, index: int) -> None:
         """The assembler has written chunk `index`: its audio no longer counts as held."""
