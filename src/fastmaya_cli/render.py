@@ -639,7 +639,6 @@ class DecodeQueue:
         self._ready: list[int] = []  # sorted
         self._ready_since: dict[int, float] = {}  # of the ready ones, time.monotonic()
         self._taken = [False] * len(seconds)
-        self._taken_count = 0
         self._lowest_untaken = 0  # == len(seconds) once every chunk is taken
         self._held_s = 0.0
         self._cond = threading.Condition()
@@ -661,7 +660,7 @@ class DecodeQueue:
                 takeable, bounded = self._takeable(most)
                 wait_s = 0.5
                 if takeable:
-                    generating = len(self._ready) < len(self._taken) - self._taken_count
+                    generating = len(self.resolved_at) < len(self._taken)  # each chunk resolves once
                     waited_s = time.monotonic() - min(self._ready_since[i] for i in takeable)
                     full = len(takeable) >= min(most, self._gather)
                     if full or bounded or not generating or waited_s >= self._patience_s:
@@ -689,7 +688,6 @@ class DecodeQueue:
             self._held_s += self._seconds[index]
             self._taken[index] = True
             del self._ready_since[index]
-        self._taken_count += len(taken)
         while self._lowest_untaken < len(self._taken) and self._taken[self._lowest_untaken]:
             self._lowest_untaken += 1
         del self._ready[: len(taken)]
