@@ -879,6 +879,28 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
     return report
 
 
+def _llm_only_around(
+    stages: Sequence[StageResult],
+) -> list[tuple[StageResult, StageResult | None, StageResult | None]]:
+    """Each render of the novel, in order, with the LLM-only passes of the novel of its kind (shared cores or
+    not) nearest before and after it, or None where there is none."""
+
+    def shared(stage: StageResult) -> bool:
+        return stage.stage.endswith(SHARED_CORES)
+
+    anchors = [
+        (position, stage) for position, stage in enumerate(stages) if stage.stage.startswith("llm-novel")
+    ]
+    around = []
+    for position, stage in enumerate(stages):
+        if stage.stage.startswith("render-novel"):
+            kind = [(at, anchor) for at, anchor in anchors if shared(anchor) == shared(stage)]
+            before = next((anchor for at, anchor in reversed(kind) if at < position), None)
+            after = next((anchor for at, anchor in kind if at > position), None)
+            around.append((stage, before, after))
+    return around
+
+
 def novel_shares(stages: Sequence[StageResult]) -> list[tuple[str, float]]:
     """Each render of the novel against the LLM-only pass of the novel run last before it, in order; a
     render with shared cores against the last such LLM-only pass.
@@ -886,17 +908,11 @@ def novel_shares(stages: Sequence[StageResult]) -> list[tuple[str, float]]:
     The engine's first pass after start can be the slow one (run L1: 56.7 s, then 48.6 s for the same
     chunks, LLM only; run L2: the same twice), so a render is compared with the pass nearest before it, and
     a bench that wants the engine warm names novel-llm twice before the first render."""
-    shares: list[tuple[str, float]] = []
-    anchors: dict[bool, StageResult] = {}
-    for stage in stages:
-        shared = stage.stage.endswith(SHARED_CORES)
-        if stage.stage.startswith("llm-novel"):
-            anchors[shared] = stage
-        elif stage.stage.startswith("render-novel"):
-            anchor = anchors.get(shared)
-            if anchor is not None and anchor.audio_per_s:
-                shares.append((stage.stage, round(stage.audio_per_s / anchor.audio_per_s, 3)))
-    return shares
+    return [
+        (render.stage, round(render.audio_per_s / before.audio_per_s, 3))
+        for render, before, _ in _llm_only_around(stages)
+        if before is not None and before.audio_per_s
+    ]
 
 
 def novel_bracketed_shares(stages: Sequence[StageResult]) -> list[tuple[str, float]]:
@@ -906,22 +922,12 @@ def novel_bracketed_shares(stages: Sequence[StageResult]) -> list[tuple[str, flo
     LLM-only passes of the same chunks drifted 1.03x to 1.31x within one process (runs N1, R1, R2), so a
     render between two of them is read against both. Their mean is taken over wall times (the chunks are
     the same), which is the harmonic mean of their audio seconds per second."""
-    anchors = [
-        (position, stage.stage.endswith(SHARED_CORES), stage)
-        for position, stage in enumerate(stages)
-        if stage.stage.startswith("llm-novel")
-    ]
     shares: list[tuple[str, float]] = []
-    for position, stage in enumerate(stages):
-        if not stage.stage.startswith("render-novel"):
-            continue
-        kind = [(at, anchor) for at, shared, anchor in anchors if shared == stage.stage.endswith(SHARED_CORES)]
-        before = next((anchor for at, anchor in reversed(kind) if at < position), None)
-        after = next((anchor for at, anchor in kind if at > position), None)
+    for render, before, after in _llm_only_around(stages):
         if before is None or after is None or not (before.audio_per_s and after.audio_per_s):
             continue
         anchor_per_s = 2 / (1 / before.audio_per_s + 1 / after.audio_per_s)
-        shares.append((stage.stage, round(stage.audio_per_s / anchor_per_s, 3)))
+        shares.append((render.stage, round(render.audio_per_s / anchor_per_s, 3)))
     return shares
 
 
