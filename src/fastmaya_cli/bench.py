@@ -47,7 +47,8 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     "decode-before": {"decode_as_before": True},  # decoded as before codec.plan_calls and pinned memory
     "ffmpeg-join": {"join_with_ffmpeg": True},  # m4b parts joined by ffmpeg's remux, as before mp4
     "join-after": {"join_after_render": True},  # m4b early parts joined after the last chunk, as before
-    # Candidate: the decoder waits up to 2 s for calls of 32 chunks while the engine generates.
+    # Candidate: the decoder waits up to 2 s for calls of 32 chunks while the engine generates (no faster
+    # in BENCHMARKS.md run T1, a scheduler-bound host; kept to measure on a GPU-bound one).
     "gather": {"decode_batch": 32, "decode_gather_s": 2.0},
 }
 # The novel's LLM-only pass or render with every thread free to run on any CPU, as before the engine's

@@ -94,7 +94,8 @@ class RenderOptions:
     words_per_second: float = 2.5
     decode_batch: int = 16  # the most chunks per decode call: small keeps the last chunks waiting little
     # How long the decoder may wait for a call of decode_batch chunks while the engine generates (DecodeQueue);
-    # 0: it takes what has finished (4.2 chunks a call in the novel's render, BENCHMARKS.md run R2).
+    # 0: it takes what has finished (4.2 chunks a call in the novel's render, BENCHMARKS.md run R2). Off
+    # because 2 s for 32 chunks made the render no faster (run T1: 17 chunks a call, 41% less decoder time).
     decode_gather_s: float = 0.0
     early_encoders: int | None = None  # encoders of the output's early parts; None: assemble.early_encoders
     decode_as_before: bool = False  # SNAC calls in book order, pageable copies: the bench's baseline
@@ -626,7 +627,8 @@ class DecodeQueue:
     the GPU busy, the driver time-slices the decoder's CUDA context with the engine's, so every call's GPU
     time is time generation waits; fewer, fuller calls cost less of it (1,868 audio s/s at 32 chunks a call
     against 1,480 at 4 on an H100, BENCHMARKS.md run R2). Once nothing is left to generate, or the bound
-    above stops the take short, it hands out what it has at once.
+    above stops the take short, it hands out what it has at once. The renderer leaves it off: on a host
+    bound by LMDeploy's scheduler thread rather than the GPU it did not shorten generation (run T1).
     """
 
     def __init__(
