@@ -95,7 +95,7 @@ class RenderOptions:
     decode_batch: int = 16  # the most chunks per decode call: small keeps the last chunks waiting little
     # How long the decoder may wait for a call of decode_batch chunks while the engine generates (DecodeQueue);
     # 0: it takes what has finished (4.2 chunks a call in the novel's render, BENCHMARKS.md run R2). Off
-    # because 2 s for 32 chunks made the render no faster (run T1: 17 chunks a call, 41% less decoder time).
+    # because 2 s for 32 chunks made the render no faster (run T1: 17 chunks a call, 41% less time in calls).
     decode_gather_s: float = 0.0
     early_encoders: int | None = None  # encoders of the output's early parts; None: assemble.early_encoders
     decode_as_before: bool = False  # SNAC calls in book order, pageable copies: the bench's baseline
