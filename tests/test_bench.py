@@ -232,7 +232,7 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
     from fastmaya_cli.render import EngineOptions, RenderOptions
 
     options = RenderOptions(voice="v", engine=EngineOptions())
-    assert set(bench.NOVEL_VARIANTS) == {"decode-before", "ffmpeg-join", "join-after", "gather"}
+    assert set(bench.NOVEL_VARIANTS) == {"decode-before", "ffmpeg-join", "join-after", "gather", "beside"}
     for variant, change in bench.NOVEL_VARIANTS.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
         changed = dataclasses.replace(options, **change)  # a misspelt field raises here

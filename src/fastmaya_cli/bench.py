@@ -50,6 +50,9 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     # Candidate: the decoder waits up to 2 s for calls of 32 chunks while the engine generates (no faster
     # in BENCHMARKS.md run T1, a scheduler-bound host; kept to measure on a GPU-bound one).
     "gather": {"decode_batch": 32, "decode_gather_s": 2.0},
+    # Candidate: decoding in the engine's worker process on a low-priority stream (beside.py); with this
+    # stage, the bench's engine worker loads that decoder too, so every stage has a little less KV cache.
+    "beside": {"decode_beside": True},
 }
 # The novel's LLM-only pass or render with every thread free to run on any CPU, as before the engine's
 # scheduler thread had a core of its own (`cores`): an A/B in one process, with the same engine.
@@ -275,12 +278,12 @@ class StageResult:
         }
 
 
-def _renderer(options_kwargs: dict, engine=None):  # noqa: ANN001, ANN202
+def _renderer(options_kwargs: dict, engine=None, decoder_in_worker: bool = False):  # noqa: ANN001, ANN202
     from .render import EngineOptions, Renderer, RenderOptions
 
     engine_options = EngineOptions(**options_kwargs.pop("engine"))
     options = RenderOptions(engine=engine_options, **options_kwargs)
-    return Renderer(options, Progress("none"), engine=engine)
+    return Renderer(options, Progress("none"), engine=engine, decoder_in_worker=decoder_in_worker)
 
 
 def _sharing(renderer, **changes):  # noqa: ANN001, ANN202
@@ -778,7 +781,9 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             kv_cache=opts.kv_cache,
             gpus=opts.gpus,
         )
-        renderer = _renderer({**base, "engine": engine_kwargs})
+        renderer = _renderer(
+            {**base, "engine": engine_kwargs}, decoder_in_worker="novel-beside" in opts.stages
+        )
         t = time.perf_counter()
         renderer.warm_up()
         startup["engine_total_s"] = round(time.perf_counter() - t, 2)

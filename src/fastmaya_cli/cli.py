@@ -200,6 +200,13 @@ def render(
             help="GPUs to use: '0', '0,1' or 'all'. Several GPUs with --tp 1 run one engine per GPU (data parallel)."
         ),
     ] = None,
+    decode_beside: Annotated[
+        bool,
+        typer.Option(
+            help="Decode and upsample in the engine's worker process, on a GPU stream of lower priority "
+            "than the engine's (LMDeploy; experimental, see BENCHMARKS.md)."
+        ),
+    ] = False,
     manifest: Annotated[
         Path | None,
         typer.Option(help="Write a JSON manifest: each chunk's text, start/end, frames, seed, status."),
@@ -307,6 +314,7 @@ def render(
             codec=codec,
             upsampler=upsampler.value,
             upsampler_weights=upsampler_weights,
+            decode_beside=decode_beside,
             retries=retries,
             fixed_length=fixed_length,
             max_new_tokens=max_new_tokens,
@@ -470,7 +478,8 @@ def bench(
             "finish (CPU only); also contention (GPU): LLM-only passes alone, beside a render's CPU work, "
             "and beside its decoder's GPU work; novel-decode-before, novel-ffmpeg-join, novel-join-after "
             "(GPU): the novel rendered as before a change, an A/B with novel in one run; novel-gather (GPU): "
-            "the novel with the decoder waiting up to 2 s for calls of 32 chunks; and "
+            "the novel with the decoder waiting up to 2 s for calls of 32 chunks; novel-beside (GPU): the "
+            "novel decoded in the engine's worker process (--decode-beside); and "
             "novel-llm-shared-cores, novel-shared-cores (GPU): the novel with no core kept for the engine's "
             "scheduler thread."
         ),

@@ -37,6 +37,7 @@ from .assemble import (
     output_lock,
     remove_stale_temps,
 )
+from .beside import DecoderSpec, RemoteDecoder
 from .cache import CachedChunk, ChunkCache, atomic_write, fingerprint, model_fingerprint
 from .codec import (
     DEFAULT_CODEC,
@@ -55,6 +56,7 @@ from .loudness import LoudnessReport
 from .progress import Progress
 from .split_encode import available_cpus
 from .text import Book, Chunk, expected_seconds, iter_chunks, read_book, sentence_splitter, spoken_text
+from .upsample import output_rate_of, resolved_kind
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +104,9 @@ class RenderOptions:
     join_with_ffmpeg: bool = False  # m4b/m4a parts joined by ffmpeg's remux, not mp4: the bench's baseline
     join_after_render: bool = False  # m4b/m4a early parts joined after the last chunk: the bench baseline
     warm_decoder: bool = True  # decode the largest batches once at load (see Renderer.warm_decoder)
+    # Decode and upsample in the engine's worker process, on a CUDA stream of lower priority than the
+    # engine's, instead of in this process (see beside.py); where the engine has no worker, in this process.
+    decode_beside: bool = False
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -202,8 +207,18 @@ def _until_sentence(chunks: Sequence[Chunk], sentences: int) -> Iterator[Chunk]:
 class Renderer:
     """Holds the models for a process: they load once, on the first book that needs them."""
 
-    def __init__(self, options: RenderOptions, progress: Progress, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        options: RenderOptions,
+        progress: Progress,
+        *,
+        engine: Engine | None = None,
+        decoder_in_worker: bool = False,
+    ) -> None:
+        """`decoder_in_worker`: the engine's worker loads a decoder even where this renderer decodes
+        itself, for renderers that share the engine and decode beside it (the bench's A/B)."""
         self.options = options
+        self._decoder_in_worker = decoder_in_worker
         self.progress = progress
         self.voice = maya1.clean_voice(options.voice)
         self._engine = engine
@@ -229,10 +244,49 @@ class Renderer:
         if self._engine is None:
             from .engines.factory import create_engine
 
+            in_worker = self._decoder_in_worker or self.decodes_beside()
+            decoder = self._beside_spec() if in_worker else None
             self._engine = self._timed(
-                "engine", lambda: create_engine(self.options.engine, self.progress.note)
+                "engine", lambda: create_engine(self.options.engine, self.progress.note, decoder=decoder)
             )
+            remote = getattr(self._engine, "beside_decoder", None)
+            if remote is not None:
+                # The engine's start included loading and warming the decoder in its worker.
+                prefix = "" if self.options.decode_beside else "worker_"
+                self.startup.update({prefix + step: s for step, s in remote.startup.items()})
+                self.startup["engine"] -= sum(remote.startup.values())
+            elif decoder is not None:
+                self.progress.note("the engine could not decode beside it; decoding in this process")
         return self._engine
+
+    def _beside_spec(self) -> DecoderSpec:
+        o = self.options
+        return DecoderSpec(
+            o.codec, o.upsampler, o.upsampler_weights, o.decode_batch, o.max_new_tokens, o.warm_decoder
+        )
+
+    def decodes_beside(self) -> bool:
+        """Whether the engine's worker process decodes (RenderOptions.decode_beside, where the engine has
+        a worker: LMDeploy on one GPU, or any engine on several)."""
+        if not self.options.decode_beside:
+            return False
+        if self._engine is not None:
+            return self.beside_decoder() is not None
+        from .engines.factory import resolve_kind, worker_devices
+
+        engine = self.options.engine
+        return worker_devices(resolve_kind(engine.kind), parse_gpus(engine.gpus), engine.tp) is not None
+
+    def beside_decoder(self) -> RemoteDecoder | None:
+        """The decoder in the engine's worker, once the engine is built, if it has one and the options ask for it."""
+        if not self.options.decode_beside or self._engine is None:
+            return None
+        return getattr(self._engine, "beside_decoder", None)
+
+    def output_rate(self) -> int:
+        if self.decodes_beside():
+            return output_rate_of(self.options.upsampler)
+        return self.upsampler.output_rate
 
     @property
     def decode_thread(self) -> ThreadPoolExecutor:
@@ -395,8 +449,7 @@ class Renderer:
             self.progress.note(f"{spec.path} is up to date; pass --force to render it again")
             return RenderResult(spec.path, len(states), 0, len(states), 0.0, 0.0, skipped=True)
         check_output(spec)
-        _ = self.decoder  # before the engine, which takes most of the free GPU memory
-        self.warm_decoder()
+        self.load_decoder()
         lock = output_lock(spec.path) if spec.path is not None else _no_lock()
         with lock:
             files, size = remove_stale_temps(spec)
@@ -432,8 +485,7 @@ class Renderer:
             cover=info.cover or meta.cover,
             cover_mime=info.cover_mime or meta.cover_mime,
         )
-        rate = self.upsampler.output_rate
-        return dataclasses.replace(spec, info=info, sample_rate=rate)
+        return dataclasses.replace(spec, info=info, sample_rate=self.output_rate())
 
     def _stamp(self, states: Sequence[ChunkState], spec: OutputSpec) -> str:
         o = self.options
@@ -448,7 +500,9 @@ class Renderer:
             o.codec,
             o.upsampler,
             o.upsampler_weights,
-            getattr(self._upsampler, "name", None),
+            resolved_kind(o.upsampler, o.upsampler_weights)
+            if self.decodes_beside()
+            else getattr(self._upsampler, "name", None),
         )
 
     def stamp_path(self, spec: OutputSpec) -> Path | None:
@@ -560,9 +614,16 @@ class Renderer:
 
     def warm_up(self) -> None:
         """Load every model now rather than on first use (benchmarks time start-up on its own)."""
-        _ = self.encode, self.decoder, self.upsampler
-        self.warm_decoder()
+        _ = self.encode
+        self.load_decoder()
         _ = self.engine
+
+    def load_decoder(self) -> None:
+        """Load and warm the decoder here, before the engine, which takes most of the free GPU memory;
+        decoding beside the engine, its worker does that before it builds the engine."""
+        if not self.decodes_beside():
+            _ = self.decoder, self.upsampler
+            self.warm_decoder()
 
     def _generate(self, states: list[ChunkState], pending: list[int], tracker: DecodeQueue) -> None:
         feed = RequestFeed(self._request(i, states[i]) for i in pending)
@@ -748,7 +809,8 @@ class DecodeWorker:
         assembling.start()
         most = max(1, self.renderer.options.decode_batch)
         try:
-            with self.renderer.decode_stream():
+            beside = self.renderer.decodes_beside()
+            with contextlib.nullcontext() if beside else self.renderer.decode_stream():
                 while self.error is None and (batch := self.tracker.take(most)) is not None:
                     began = time.perf_counter()
                     decoded.put(self._decode(batch))
@@ -778,22 +840,28 @@ class DecodeWorker:
         audio: dict[int, np.ndarray | None] = dict.fromkeys(batch)
         members = [i for i in batch if self.states[i].status == "ok"]
         if members:
-            decoder = self.renderer.decoder
+            codes = [self.states[i].codes for i in members]
+            seeds = [self.states[i].seed for i in members]
+            beside = self.renderer.beside_decoder()
+            decoder = beside or self.renderer.decoder
             decoded, computed = decoder.frames_decoded, decoder.frames_computed
-            clips, _ = decode_and_upsample(
-                decoder,
-                self.renderer.upsampler,
-                [self.states[i].codes for i in members],
-                seeds=[self.states[i].seed for i in members],
-                **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
-            )
+            if beside is not None:
+                clips = beside.decode(codes, seeds)
+            else:
+                clips, _ = decode_and_upsample(
+                    decoder,
+                    self.renderer.upsampler,
+                    codes,
+                    seeds=seeds,
+                    **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
+                )
             self.frames_decoded += decoder.frames_decoded - decoded
             self.frames_computed += decoder.frames_computed - computed
             audio.update(zip(members, clips, strict=True))
         return audio
 
     def _assemble(self, index: int, clip: np.ndarray | None) -> None:
-        rate = self.renderer.upsampler.output_rate
+        rate = self.assembler.spec.sample_rate
         state = self.states[index]
         chunk = state.chunk
         if clip is None:

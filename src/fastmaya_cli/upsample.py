@@ -421,6 +421,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def resolved_kind(kind: str, weights: str | Path | None) -> str:
+    """The `name` of the upsampler that load_upsampler(kind, weights=...) loads, without loading it."""
+    if kind == "auto":
+        return "speechsr" if find_weights(weights) is not None else "resample"
+    return kind
+
+
+def output_rate_of(kind: str) -> int:
+    """The sample rate an upsampler of `kind` puts out."""
+    return PassThrough.output_rate if kind == "none" else OUTPUT_RATE
+
+
 def load_upsampler(
     kind: str,
     *,

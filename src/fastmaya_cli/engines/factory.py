@@ -12,6 +12,7 @@ from ..errors import InputError
 from . import Engine
 
 if TYPE_CHECKING:
+    from ..beside import DecoderSpec
     from ..render import EngineOptions
 
 
@@ -84,10 +85,10 @@ def lmdeploy_overrides() -> dict:
     except json.JSONDecodeError as exc:
         raise InputError(
             f"FASTMAYA_LMDEPLOY_CONFIG is not valid JSON ({exc.msg} at character {exc.pos}).",
-            'Set it to a JSON object, e.g. \'{"prefill_interval": 8}\', or unset it.',
+            "Set it to a JSON object, e.g. '{\"prefill_interval\": 8}', or unset it.",
         ) from None
     if not isinstance(value, dict):
-        raise InputError("FASTMAYA_LMDEPLOY_CONFIG must be a JSON object.", "Write it as {\"field\": value}.")
+        raise InputError("FASTMAYA_LMDEPLOY_CONFIG must be a JSON object.", 'Write it as {"field": value}.')
     return value
 
 
@@ -126,7 +127,11 @@ def worker_devices(kind: str, gpus: list[int], tp: int) -> list[str] | None:
     return None
 
 
-def create_engine(options: EngineOptions, note: Callable[[str], None]) -> Engine:
+def create_engine(
+    options: EngineOptions, note: Callable[[str], None], *, decoder: DecoderSpec | None = None
+) -> Engine:
+    """The engine the options ask for; with a `decoder`, an engine in worker processes also decodes
+    beside it (see beside.py). An engine in this process ignores `decoder`."""
     kind = resolve_kind(options.kind)
     kwargs = engine_kwargs(options, kind)
     gpus = parse_gpus(options.gpus)
@@ -137,7 +142,10 @@ def create_engine(options: EngineOptions, note: Callable[[str], None]) -> Engine
         if len(devices) > 1:
             note(f"data-parallel: one {kind} engine on each of GPUs {', '.join(map(str, gpus))}")
         return EnginePool(
-            EngineSpec(FACTORIES[kind], kwargs), devices, on_event=note, scheduler_cores=scheduler_cores_wanted()
+            EngineSpec(FACTORIES[kind], kwargs, decoder=decoder),
+            devices,
+            on_event=note,
+            scheduler_cores=scheduler_cores_wanted(),
         )
     if kind == "hf":
         from .hf import HFEngine

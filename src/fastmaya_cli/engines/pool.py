@@ -75,11 +75,15 @@ class EngineSpec:
     `factory` is "module:callable" (the callable may be a class or a dotted attribute path). It is
     called with `kwargs`, then the worker's entry in `per_device_kwargs` (keyed by worker name, see
     `EnginePool`, or by device string), then `device=` the device the worker's engine should use.
+
+    With a `decoder` (a beside.DecoderSpec), the first worker also loads the renderer's decoder, before
+    its engine, and answers decode calls beside it (`EnginePool.beside_decoder`).
     """
 
     factory: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     per_device_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    decoder: Any = None
 
     def __post_init__(self) -> None:
         # Plain dicts so the spec pickles whatever mapping type the caller used.
@@ -290,12 +294,17 @@ def _worker_main(
     env: Mapping[str, str],
     conn: Connection,
     parent_pid: int,
+    decode_conn: Connection | None = None,
 ) -> None:
     os.environ.update(env)  # inherited at spawn already; this guards against a changed environment
     # Ctrl-C reaches the whole process group; the parent decides how the workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     try:
+        if decode_conn is not None:
+            from ..beside import DecoderService
+
+            DecoderService(spec.decoder, engine_device, decode_conn)  # serves on a thread of its own
         engine = _resolve(spec.factory)(**spec.kwargs_for(name, device, engine_device))
         if not callable(getattr(engine, "generate", None)):
             raise TypeError(f"{spec.factory} returned {type(engine).__name__}, which has no generate()")
@@ -584,6 +593,7 @@ class EnginePool:
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._workers: list[_Worker] = []
+        self.beside_decoder: Any = None  # a beside.RemoteDecoder when the spec has a decoder
         # Stops the workers at interpreter exit if close() was never called.
         self._finalizer = weakref.finalize(self, _stop_processes, self._workers, 0.0)
         try:
@@ -610,17 +620,24 @@ class EnginePool:
         cpu_threads = None
         if cpu_workers > 1 and "OMP_NUM_THREADS" not in os.environ:
             cpu_threads = max(1, (os.cpu_count() or 1) // cpu_workers)
+        decode_pipe = ctx.Pipe(duplex=True) if spec.decoder is not None else None
         for name, device in zip(worker_names(devices), devices, strict=True):
             engine_device, env = placement(device, visible, cpu_threads)
             parent_conn, child_conn = ctx.Pipe(duplex=True)
+            decode_conn = decode_pipe[1] if decode_pipe is not None and not self._workers else None
             process = ctx.Process(
                 target=_worker_main,
-                args=(spec, name, device, engine_device, env, child_conn, os.getpid()),
+                args=(spec, name, device, engine_device, env, child_conn, os.getpid(), decode_conn),
                 name=f"fastmaya-worker-{name}",
             )
             with _environment(env):
                 process.start()
             child_conn.close()  # so the parent sees EOF when the worker dies
+            if decode_conn is not None:
+                decode_conn.close()
+                from ..beside import RemoteDecoder
+
+                self.beside_decoder = RemoteDecoder(decode_pipe[0], name)
             self._workers.append(_Worker(name, device, process, parent_conn))
 
         deadline = time.monotonic() + timeout_s
@@ -659,6 +676,9 @@ class EnginePool:
             worker.alive = False
             worker.error = failures[worker.name]
         _stop_processes(failed, 0.0)
+        if self.beside_decoder is not None and self._workers[0] in failed:
+            self.beside_decoder.close()
+            self.beside_decoder = None
         if len(self._workers) == 1 and failed and failed[0].name in advice:
             problem, fix, exit_code = advice[failed[0].name]
             kind = InputError if exit_code == InputError.exit_code else RuntimeFailure
@@ -854,6 +874,8 @@ class EnginePool:
         _stop_processes([w for w in self._workers if w.process.is_alive()], grace_s)
         for w in self._workers:
             w.alive = False
+        if self.beside_decoder is not None:
+            self.beside_decoder.close()  # after its worker stopped: a call still waiting sees EOF
         self._finalizer.detach()
         os.close(self._wake_read)
         os.close(self._wake_write)

@@ -1,0 +1,183 @@
+"""Decoding beside the engine (beside.py): the decoder in the engine's worker process, on the CPU here."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fastmaya_cli import beside, render
+from fastmaya_cli.assemble import OutputSpec
+from fastmaya_cli.codec import random_codes
+from fastmaya_cli.engines.pool import EnginePool, EngineSpec
+from fastmaya_cli.engines.scripted import ScriptedEngine
+from fastmaya_cli.errors import RuntimeFailure
+from fastmaya_cli.progress import Progress
+
+SCRIPTED = "fastmaya_cli.engines.scripted:ScriptedEngine"
+BOOK = "The tide came in. The boats lifted.\n\nGulls rose over the harbour. Nobody spoke.\n"
+
+
+def _options(tiny_model, tiny_snac, **changes) -> render.RenderOptions:
+    return render.RenderOptions(
+        voice="Calm narrator",
+        engine=render.EngineOptions(kind="scripted", model=str(tiny_model)),
+        codec=str(tiny_snac),
+        upsampler="resample",
+        fixed_length=True,
+        max_new_tokens=70,
+        max_chunk_seconds=1.0,  # a chunk a sentence: several decode calls
+        **changes,
+    )
+
+
+def _render(renderer: render.Renderer, tmp_path, name: str) -> tuple[np.ndarray, int]:
+    book = tmp_path / "book.txt"
+    book.write_text(BOOK)
+    output = tmp_path / f"{name}.flac"
+    result = renderer.render(book, OutputSpec(path=output, format="flac", loudness="off"))
+    assert result.failed == 0
+    audio, rate = sf.read(output, dtype="float32")
+    return audio, rate
+
+
+def test_a_book_decoded_in_the_engines_worker_sounds_as_one_decoded_here(tiny_model, tiny_snac, tmp_path):
+    here = render.Renderer(_options(tiny_model, tiny_snac), Progress("none"), engine=ScriptedEngine())
+    expected, expected_rate = _render(here, tmp_path, "here")
+    here.close()
+
+    options = _options(tiny_model, tiny_snac, decode_beside=True)
+    spec = EngineSpec(SCRIPTED, decoder=render.Renderer(options, Progress("none"))._beside_spec())
+    with EnginePool(spec, ["cpu"], scheduler_cores=False) as pool:
+        beside_renderer = render.Renderer(options, Progress("none"), engine=pool)
+        assert beside_renderer.decodes_beside()
+        audio, rate = _render(beside_renderer, tmp_path, "beside")
+        remote = pool.beside_decoder
+        assert remote.frames_decoded > 0 and remote.frames_computed >= remote.frames_decoded
+        assert set(remote.startup) == {"codec", "upsampler"}  # no warm-up on the CPU
+    assert beside_renderer._decoder is None and beside_renderer._upsampler is None  # nothing decoded here
+    assert rate == expected_rate == 48_000
+    # On the CPU each chunk decodes on its own, so the same codes give the same samples in either process.
+    np.testing.assert_array_equal(audio, expected)
+
+
+def test_an_engine_in_this_process_cannot_decode_beside_so_the_renderer_decodes(
+    tiny_model, tiny_snac, tmp_path
+):
+    renderer = render.Renderer(
+        _options(tiny_model, tiny_snac, decode_beside=True), Progress("none"), engine=ScriptedEngine()
+    )
+    audio, rate = _render(renderer, tmp_path, "fallback")
+    assert not renderer.decodes_beside()
+    assert renderer.decoder.frames_decoded > 0  # decoded here
+    assert rate == 48_000 and len(audio) > 0
+
+
+def test_only_an_engine_in_a_worker_process_decodes_beside_it_and_only_when_asked(tiny_model, tiny_snac):
+    def decodes_beside(kind: str, tp: int = 1, gpus: str | None = None, **changes) -> bool:
+        options = _options(tiny_model, tiny_snac, **changes)
+        engine = render.EngineOptions(kind=kind, model=str(tiny_model), tp=tp, gpus=gpus)
+        return render.Renderer(dataclasses.replace(options, engine=engine), Progress("none")).decodes_beside()
+
+    assert decodes_beside("scripted", gpus="0,1", decode_beside=True)  # data parallel: workers
+    assert not decodes_beside("scripted", gpus="0,1")  # not asked
+    assert not decodes_beside("hf", decode_beside=True)  # one hf engine runs in this process
+
+
+class _RecordedStream:
+    def __new__(cls, device=None, priority=0, **kwargs):  # noqa: ANN001, ANN204
+        stream = object.__new__(cls)
+        stream.priority = priority
+        return stream
+
+
+def test_streams_made_without_a_priority_outrank_the_decoders(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "Stream", _RecordedStream)
+    original = beside.make_new_streams_high_priority()
+    assert original is _RecordedStream
+    assert torch.cuda.Stream().priority == beside.ENGINE_PRIORITY  # as LMDeploy makes its streams
+    assert torch.cuda.Stream(priority=-3).priority == -3  # a priority of its own is kept
+    assert original(priority=beside.DECODER_PRIORITY).priority == beside.DECODER_PRIORITY
+    assert torch.cuda.Stream.made == 2  # the decoder's own stream is not among them
+    assert beside.ENGINE_PRIORITY < beside.DECODER_PRIORITY  # lower numbers run first
+    assert beside.make_new_streams_high_priority() is _RecordedStream  # patched once, however often asked
+
+
+def _service(tiny_snac, conn) -> beside.DecoderService:
+    spec = beside.DecoderSpec(str(tiny_snac), "none", None, decode_batch=4, max_new_tokens=70)
+    return beside.DecoderService(spec, "cpu", conn)
+
+
+def test_the_decoder_service_sends_each_chunks_audio_as_decode_and_upsample_makes_it(tiny_snac, monkeypatch):
+    from fastmaya_cli.codec import SnacDecoder
+    from fastmaya_cli.upsample import PassThrough
+
+    monkeypatch.setattr(beside, "SHARED_AUDIO_STEP", 4096 * 4)  # a frame of audio: the file has to grow
+    left_before = set(glob.glob("/dev/shm/fastmaya-audio-*"))
+    ours, theirs = multiprocessing.Pipe()
+    service = _service(tiny_snac, theirs)
+    remote = beside.RemoteDecoder(ours, "cpu")
+    snac = SnacDecoder(str(tiny_snac), "cpu")
+    rng = np.random.default_rng(3)
+    for frames, seeds in (((2,), [4]), ((3, 9, 5), [11, 12, 13]), ((12, 1), [5, 6])):  # grows once
+        codes = [random_codes(n, rng) for n in frames]
+        clips = remote.decode(codes, seeds)
+        expected, _ = render.decode_and_upsample(snac, PassThrough(), codes, seeds=seeds)
+        assert [len(c) for c in clips] == [n * 2048 for n in frames]
+        for clip, want in zip(clips, expected, strict=True):
+            np.testing.assert_array_equal(clip, want)
+    assert remote.output_rate == 24_000 and remote.frames_decoded == 17 + 2 + 13
+    assert set(glob.glob("/dev/shm/fastmaya-audio-*")) == left_before  # each file unlinked once mapped
+    ours.close()
+    service._thread.join(5)
+    assert not service._thread.is_alive()  # the renderer gone, the service stops
+
+
+def test_a_decode_call_that_fails_in_the_worker_stops_the_render_with_its_reason(tiny_snac, monkeypatch):
+    def broken(*_: object, **__: object) -> None:
+        raise ValueError("codes out of range")
+
+    monkeypatch.setattr(render, "decode_and_upsample", broken)
+    ours, theirs = multiprocessing.Pipe()
+    _service(tiny_snac, theirs)
+    remote = beside.RemoteDecoder(ours, "cuda:0")
+    codes = [random_codes(2, np.random.default_rng(0))]
+    with pytest.raises(
+        RuntimeFailure, match="beside the engine on cuda:0 failed: ValueError: codes out of range"
+    ) as caught:
+        remote.decode(codes, [0])
+    assert "without --decode-beside" in caught.value.fix
+    ours.close()
+
+
+def test_a_worker_gone_in_the_middle_of_a_call_is_a_runtime_failure(tiny_snac):
+    ours, theirs = multiprocessing.Pipe()
+    remote = beside.RemoteDecoder(ours, "cuda:0")
+
+    def dies_in_the_call() -> None:
+        theirs.recv()
+        theirs.close()
+
+    threading.Thread(target=dies_in_the_call).start()
+    with pytest.raises(RuntimeFailure, match="stopped in the middle of a call") as caught:
+        remote.decode([random_codes(2, np.random.default_rng(0))], [0])
+    assert "resumes" in caught.value.fix
+    with pytest.raises(RuntimeFailure, match="stopped in the middle of a call"):
+        remote.decode([random_codes(2, np.random.default_rng(0))], [0])  # the pipe is closed: send fails
+
+
+def test_the_upsampler_is_known_without_loading_it(tmp_path):
+    from fastmaya_cli.upsample import output_rate_of, resolved_kind
+
+    weights = tmp_path / "speechsr48k.pth"
+    weights.write_bytes(b"not read")
+    assert resolved_kind("auto", weights) == "speechsr"
+    assert resolved_kind("resample", None) == "resample"
+    assert output_rate_of("none") == 24_000 and output_rate_of("speechsr") == 48_000
