@@ -4,7 +4,7 @@ Runs LMDeploy in this process, and LLM-only passes over the novel's first N chun
 and beside a decoder (SNAC and the SpeechSR upsampler on random codes, 4 chunks of 11 s a call, as a
 render's calls) kept at the pace the engine made speech in the first pass alone. The decoder runs:
 
-- `other-process`: in a process of its own, as a render on main decodes: the driver time-slices the two
+- `other-process`: in a process of its own, as a render decodes with `--no-decode-beside`: the driver time-slices the two
   CUDA contexts, so while the decoder holds the GPU, generation waits;
 - `same-process`: in this process, on a CUDA stream of its own at the priority of LMDeploy's streams:
   one context, so its kernels may run beside the engine's, and its Python shares the interpreter lock

@@ -85,7 +85,8 @@ def test_only_an_engine_in_a_worker_process_decodes_beside_it_and_only_when_aske
         return render.Renderer(dataclasses.replace(options, engine=engine), Progress("none")).decodes_beside()
 
     assert decodes_beside("scripted", gpus="0,1", decode_beside=True)  # data parallel: workers
-    assert not decodes_beside("scripted", gpus="0,1")  # not asked
+    assert decodes_beside("scripted", gpus="0,1")  # the default
+    assert not decodes_beside("scripted", gpus="0,1", decode_beside=False)  # --no-decode-beside
     assert not decodes_beside("hf", decode_beside=True)  # one hf engine runs in this process
 
 

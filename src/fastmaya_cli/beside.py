@@ -1,10 +1,11 @@
-"""Decoding beside the engine: SNAC and the upsampler in the engine's worker process (`--decode-beside`).
+"""Decoding beside the engine: SNAC and the upsampler in the engine's worker process (`--decode-beside`,
+the default where the engine has a worker process).
 
-By default the renderer's process decodes and the engine generates in its worker process, so the GPU
-driver time-slices two CUDA contexts: while a decode call holds the GPU, generation waits. Inside the
-worker's own context, on a stream of lower priority than LMDeploy's, the GPU starts the engine's waiting
-thread blocks first and gives the decoder what they leave (`scripts/probe_beside.py`; BENCHMARKS.md runs
-U1 and U2: 1.8x to 2.4x less generation lost per second of speech decoded).
+Decoding in the renderer's process (`--no-decode-beside`), the GPU driver time-slices two CUDA contexts, the
+renderer's and the engine worker's: while a decode call holds the GPU, generation waits. Inside the worker's
+own context, on a stream of lower priority than LMDeploy's, the GPU starts the engine's waiting thread blocks
+first and gives the decoder what they leave (`scripts/probe_beside.py`; BENCHMARKS.md runs U1 and U2: 1.8x to
+2.4x less generation lost per second of speech decoded; in renders, runs V1 and V2: 1.08x faster).
 
 The renderer keeps its decode queue, batching and assembling; only the calls move. Each call's codes and
 seeds go to the worker over a pipe of their own; the audio comes back through a file both processes map

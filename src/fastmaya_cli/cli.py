@@ -203,10 +203,11 @@ def render(
     decode_beside: Annotated[
         bool,
         typer.Option(
-            help="Decode and upsample in the engine's worker process, on a GPU stream of lower priority "
-            "than the engine's (LMDeploy; experimental, see BENCHMARKS.md)."
+            "--decode-beside/--no-decode-beside",
+            help="Decode and upsample in the engine's worker process, on a GPU stream of lower priority than "
+            "the engine's (LMDeploy, or several GPUs); --no-decode-beside: in the renderer's process.",
         ),
-    ] = False,
+    ] = True,
     manifest: Annotated[
         Path | None,
         typer.Option(help="Write a JSON manifest: each chunk's text, start/end, frames, seed, status."),
@@ -478,8 +479,8 @@ def bench(
             "finish (CPU only); also contention (GPU): LLM-only passes alone, beside a render's CPU work, "
             "and beside its decoder's GPU work; novel-decode-before, novel-ffmpeg-join, novel-join-after "
             "(GPU): the novel rendered as before a change, an A/B with novel in one run; novel-gather (GPU): "
-            "the novel with the decoder waiting up to 2 s for calls of 32 chunks; novel-beside (GPU): the "
-            "novel decoded in the engine's worker process (--decode-beside); and "
+            "the novel with the decoder waiting up to 2 s for calls of 32 chunks; novel-here (GPU): the "
+            "novel decoded in the renderer's process (--no-decode-beside); and "
             "novel-llm-shared-cores, novel-shared-cores (GPU): the novel with no core kept for the engine's "
             "scheduler thread."
         ),
