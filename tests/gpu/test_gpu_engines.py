@@ -47,6 +47,7 @@ def test_lmdeploy_whole_batch_streams_back(lmdeploy_engine, small_model):
 
 @pytest.mark.lmdeploy
 def test_lmdeploy_and_hf_renders_agree_on_chunks_and_durations(tmp_path, small_model):
+    """LMDeploy decoding beside the engine (the default) and in the renderer's process, and hf."""
     import json
 
     from fastmaya_cli.checkpoints import random_snac
@@ -57,8 +58,9 @@ def test_lmdeploy_and_hf_renders_agree_on_chunks_and_durations(tmp_path, small_m
         "Chapter 1\n\nIt was a bright cold day. The clocks were striking.\n\nShe walked on, quickly.\n"
     )
     durations = {}
-    for engine in ("lmdeploy", "hf"):
-        manifest = tmp_path / f"{engine}.json"
+    for engine, where in (("lmdeploy", "--decode-beside"), ("lmdeploy", "--no-decode-beside"), ("hf", "")):
+        run = f"{engine}{where}"
+        manifest = tmp_path / f"{run}.json"
         cmd = [
             sys.executable,
             "-m",
@@ -66,7 +68,7 @@ def test_lmdeploy_and_hf_renders_agree_on_chunks_and_durations(tmp_path, small_m
             "render",
             str(book),
             "-o",
-            str(tmp_path / f"{engine}.wav"),
+            str(tmp_path / f"{run}.wav"),
             "--engine",
             engine,
             "--model",
@@ -84,13 +86,14 @@ def test_lmdeploy_and_hf_renders_agree_on_chunks_and_durations(tmp_path, small_m
             "0.3",
             "--loudness",
             "off",
+            *([where] if where else []),
         ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         chunks = json.loads(manifest.read_text())["chunks"]
-        durations[engine] = [round(c["end"] - c["start"], 4) for c in chunks]
-    assert len(durations["lmdeploy"]) == len(durations["hf"]) > 0
-    assert durations["lmdeploy"] == durations["hf"]
+        durations[run] = [round(c["end"] - c["start"], 4) for c in chunks]
+    assert len(durations["lmdeploy--decode-beside"]) == len(durations["hf"]) > 0
+    assert durations["lmdeploy--decode-beside"] == durations["lmdeploy--no-decode-beside"] == durations["hf"]
 
 
 def test_hf_engine_on_cuda(small_model):
