@@ -47,6 +47,25 @@ def tiny_snac() -> Path:
     return random_snac(_cache_root(), tiny=True)
 
 
+@pytest.fixture
+def scripted_options(tiny_model: Path, tiny_snac: Path):  # noqa: ANN201 - a RenderOptions factory
+    """RenderOptions(**changes) for the scripted engine with the tiny checkpoints, fixed-length chunks."""
+    from fastmaya_cli import render
+
+    def make(**changes: object) -> render.RenderOptions:
+        return render.RenderOptions(
+            voice="Calm narrator",
+            engine=render.EngineOptions(kind="scripted", model=str(tiny_model)),
+            codec=str(tiny_snac),
+            upsampler="resample",
+            fixed_length=True,
+            max_new_tokens=70,
+            **changes,
+        )
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():

@@ -20,20 +20,8 @@ from fastmaya_cli.errors import RuntimeFailure
 from fastmaya_cli.progress import Progress
 
 SCRIPTED = "fastmaya_cli.engines.scripted:ScriptedEngine"
+# With chunks of at most 1 s, a chunk a sentence: several decode calls.
 BOOK = "The tide came in. The boats lifted.\n\nGulls rose over the harbour. Nobody spoke.\n"
-
-
-def _options(tiny_model, tiny_snac, **changes) -> render.RenderOptions:
-    return render.RenderOptions(
-        voice="Calm narrator",
-        engine=render.EngineOptions(kind="scripted", model=str(tiny_model)),
-        codec=str(tiny_snac),
-        upsampler="resample",
-        fixed_length=True,
-        max_new_tokens=70,
-        max_chunk_seconds=1.0,  # a chunk a sentence: several decode calls
-        **changes,
-    )
 
 
 def _render(renderer: render.Renderer, tmp_path, name: str) -> tuple[np.ndarray, int]:
@@ -46,12 +34,12 @@ def _render(renderer: render.Renderer, tmp_path, name: str) -> tuple[np.ndarray,
     return audio, rate
 
 
-def test_a_book_decoded_in_the_engines_worker_sounds_as_one_decoded_here(tiny_model, tiny_snac, tmp_path):
-    here = render.Renderer(_options(tiny_model, tiny_snac), Progress("none"), engine=ScriptedEngine())
+def test_a_book_decoded_in_the_engines_worker_sounds_as_one_decoded_here(scripted_options, tmp_path):
+    here = render.Renderer(scripted_options(max_chunk_seconds=1.0), Progress("none"), engine=ScriptedEngine())
     expected, expected_rate = _render(here, tmp_path, "here")
     here.close()
 
-    options = _options(tiny_model, tiny_snac, decode_beside=True)
+    options = scripted_options(max_chunk_seconds=1.0, decode_beside=True)
     spec = EngineSpec(SCRIPTED, decoder=render.Renderer(options, Progress("none"))._beside_spec())
     with EnginePool(spec, ["cpu"], scheduler_cores=False) as pool:
         beside_renderer = render.Renderer(options, Progress("none"), engine=pool)
@@ -66,11 +54,9 @@ def test_a_book_decoded_in_the_engines_worker_sounds_as_one_decoded_here(tiny_mo
     np.testing.assert_array_equal(audio, expected)
 
 
-def test_an_engine_in_this_process_cannot_decode_beside_so_the_renderer_decodes(
-    tiny_model, tiny_snac, tmp_path
-):
+def test_an_engine_in_this_process_cannot_decode_beside_so_the_renderer_decodes(scripted_options, tmp_path):
     renderer = render.Renderer(
-        _options(tiny_model, tiny_snac, decode_beside=True), Progress("none"), engine=ScriptedEngine()
+        scripted_options(max_chunk_seconds=1.0, decode_beside=True), Progress("none"), engine=ScriptedEngine()
     )
     audio, rate = _render(renderer, tmp_path, "fallback")
     assert not renderer.decodes_beside()
@@ -78,10 +64,10 @@ def test_an_engine_in_this_process_cannot_decode_beside_so_the_renderer_decodes(
     assert rate == 48_000 and len(audio) > 0
 
 
-def test_only_an_engine_in_a_worker_process_decodes_beside_it_and_only_when_asked(tiny_model, tiny_snac):
+def test_only_an_engine_in_a_worker_process_decodes_beside_it_and_only_when_asked(scripted_options):
     def decodes_beside(kind: str, tp: int = 1, gpus: str | None = None, **changes) -> bool:
-        options = _options(tiny_model, tiny_snac, **changes)
-        engine = render.EngineOptions(kind=kind, model=str(tiny_model), tp=tp, gpus=gpus)
+        options = scripted_options(max_chunk_seconds=1.0, **changes)
+        engine = dataclasses.replace(options.engine, kind=kind, tp=tp, gpus=gpus)
         return render.Renderer(dataclasses.replace(options, engine=engine), Progress("none")).decodes_beside()
 
     assert decodes_beside("scripted", gpus="0,1", decode_beside=True)  # data parallel: workers

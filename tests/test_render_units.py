@@ -216,22 +216,14 @@ def test_decode_calls_follow_the_plan_and_clips_keep_the_chunks_order():
     assert decoder.frames == [[20, 200], [20, 200], [20, 200]]  # the book-order baseline, as asked
 
 
-def _render_two_sentences(tmp_path, tiny_model, tiny_snac, **options):
+def _render_two_sentences(tmp_path, scripted_options, **options):
     """Renders a two-chunk book with the scripted engine and the tiny SNAC, on the CPU: (renderer, result)."""
     from fastmaya_cli import render
     from fastmaya_cli.assemble import OutputSpec
     from fastmaya_cli.engines.scripted import ScriptedEngine
     from fastmaya_cli.progress import Progress
 
-    options = render.RenderOptions(
-        voice="Calm narrator",
-        engine=render.EngineOptions(kind="scripted", model=str(tiny_model)),
-        codec=str(tiny_snac),
-        upsampler="resample",
-        fixed_length=True,
-        max_new_tokens=70,
-        **options,
-    )
+    options = scripted_options(**options)
     book = tmp_path / "book.txt"
     book.write_text("The tide came in. The boats lifted.\n")
     renderer = render.Renderer(options, Progress("none"), engine=ScriptedEngine())
@@ -240,7 +232,7 @@ def _render_two_sentences(tmp_path, tiny_model, tiny_snac, **options):
 
 
 def test_render_reports_how_long_decoding_ran_on_after_generation(
-    tiny_model, tiny_snac, tmp_path, monkeypatch
+    scripted_options, tmp_path, monkeypatch
 ):
     from fastmaya_cli import render
 
@@ -251,7 +243,7 @@ def test_render_reports_how_long_decoding_ran_on_after_generation(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(render, "decode_and_upsample", slow_decode)
-    renderer, result = _render_two_sentences(tmp_path, tiny_model, tiny_snac)
+    renderer, result = _render_two_sentences(tmp_path, scripted_options)
     assert result.tail_decoding_s >= 0.29
     assert result.decode_tail_s >= result.tail_decoding_s
     # The decoder had not handed over any chunk when the engine finished: all the speech was behind.
@@ -265,7 +257,7 @@ def test_render_reports_how_long_decoding_ran_on_after_generation(
 
 @pytest.mark.parametrize("as_before", [False, True])
 def test_the_decode_worker_plans_its_calls_unless_asked_to_decode_as_before(
-    tiny_model, tiny_snac, tmp_path, monkeypatch, as_before
+    scripted_options, tmp_path, monkeypatch, as_before
 ):
     from fastmaya_cli import render
 
@@ -277,7 +269,7 @@ def test_the_decode_worker_plans_its_calls_unless_asked_to_decode_as_before(
         return real(*args, plan=plan, pinned=pinned, **kwargs)
 
     monkeypatch.setattr(render, "decode_and_upsample", spy)
-    _render_two_sentences(tmp_path, tiny_model, tiny_snac, decode_as_before=as_before)
+    _render_two_sentences(tmp_path, scripted_options, decode_as_before=as_before)
     assert asked
     for plan, pinned in asked:
         assert pinned is not as_before
@@ -289,7 +281,7 @@ def test_the_decode_worker_plans_its_calls_unless_asked_to_decode_as_before(
 
 @pytest.mark.parametrize("with_ffmpeg", [False, True])
 def test_the_renderer_hands_the_bench_baseline_join_to_the_assembler(
-    tiny_model, tiny_snac, tmp_path, monkeypatch, with_ffmpeg
+    scripted_options, tmp_path, monkeypatch, with_ffmpeg
 ):
     from fastmaya_cli import render
 
@@ -302,13 +294,13 @@ def test_the_renderer_hands_the_bench_baseline_join_to_the_assembler(
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(render, "Assembler", Spy)
-    _render_two_sentences(tmp_path, tiny_model, tiny_snac, join_with_ffmpeg=with_ffmpeg)
+    _render_two_sentences(tmp_path, scripted_options, join_with_ffmpeg=with_ffmpeg)
     assert asked == [with_ffmpeg]
 
 
 @pytest.mark.parametrize("after", [False, True])
 def test_the_assembler_is_told_the_books_expected_length_unless_joining_after_the_render(
-    tiny_model, tiny_snac, tmp_path, monkeypatch, after
+    scripted_options, tmp_path, monkeypatch, after
 ):
     """With it, an m4b's early parts go into the file while the book renders (room for the index is
     kept from it); the bench's `novel-join-after` baseline joins them after the last chunk."""
@@ -323,7 +315,7 @@ def test_the_assembler_is_told_the_books_expected_length_unless_joining_after_th
         return real(*args, **kwargs)
 
     monkeypatch.setattr(render, "Assembler", recording)
-    renderer, result = _render_two_sentences(tmp_path, tiny_model, tiny_snac, join_after_render=after)
+    renderer, result = _render_two_sentences(tmp_path, scripted_options, join_after_render=after)
     assert result.chunks == 2 and len(told) == 1
     if after:
         assert told == [None]
@@ -337,8 +329,8 @@ def test_the_assembler_is_told_the_books_expected_length_unless_joining_after_th
         assert told[0] == pytest.approx(expected) and told[0] > sum(c.seconds for c in chunks)
 
 
-def test_the_render_traces_when_chunks_came_back_and_when_the_decoder_ran(tiny_model, tiny_snac, tmp_path):
-    renderer, result = _render_two_sentences(tmp_path, tiny_model, tiny_snac, cache_dir=tmp_path / "cache")
+def test_the_render_traces_when_chunks_came_back_and_when_the_decoder_ran(scripted_options, tmp_path):
+    renderer, result = _render_two_sentences(tmp_path, scripted_options, cache_dir=tmp_path / "cache")
     trace = result.trace
     assert trace is not None and len(trace.resolved_s) == result.chunks == 2
     assert list(trace.resolved_s) == sorted(trace.resolved_s) and trace.resolved_s[0] >= 0
