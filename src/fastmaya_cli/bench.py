@@ -787,8 +787,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         renderer = _renderer({**base, "engine": engine_kwargs})
         t = time.perf_counter()
         if LOCAL_DECODER_STAGES & set(opts.stages):
-            _ = renderer.decoder, renderer.upsampler
-            renderer.warm_decoder()
+            renderer.load_decoder_here()
         renderer.warm_up()
         startup["engine_total_s"] = round(time.perf_counter() - t, 2)
         startup.update({f"{k}_s": round(v, 2) for k, v in renderer.startup.items()})

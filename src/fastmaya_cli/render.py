@@ -489,9 +489,7 @@ class Renderer:
             o.codec,
             o.upsampler,
             o.upsampler_weights,
-            resolved_kind(o.upsampler, o.upsampler_weights)
-            if self.decodes_beside()
-            else getattr(self._upsampler, "name", None),
+            resolved_kind(o.upsampler, o.upsampler_weights),  # the name of the upsampler that decodes
         )
 
     def stamp_path(self, spec: OutputSpec) -> Path | None:
@@ -611,8 +609,12 @@ class Renderer:
         """Load and warm the decoder here, before the engine, which takes most of the free GPU memory;
         decoding beside the engine, its worker does that before it builds the engine."""
         if not self.decodes_beside():
-            _ = self.decoder, self.upsampler
-            self.warm_decoder()
+            self.load_decoder_here()
+
+    def load_decoder_here(self) -> None:
+        """Load and warm the decoder in this process, whichever process decodes the render."""
+        _ = self.decoder, self.upsampler
+        self.warm_decoder()
 
     def _generate(self, states: list[ChunkState], pending: list[int], tracker: DecodeQueue) -> None:
         feed = RequestFeed(self._request(i, states[i]) for i in pending)
