@@ -10,7 +10,9 @@ render's calls) kept at the pace the engine made speech in the first pass alone.
   one context, so its kernels may run beside the engine's, and its Python shares the interpreter lock
   with LMDeploy's scheduler;
 - `same-process-low`: the same, on a stream of lower priority than LMDeploy's, so the GPU starts the
-  engine's waiting blocks before the decoder's.
+  engine's waiting blocks before the decoder's;
+- `green-N`: the same, on a low-priority stream of a CUDA green context of N SMs (scripts/green_context.py): the
+  decoder's blocks stay on those N, the engine's run on all of them.
 
 LMDeploy's streams are made high-priority for the whole run (torch.cuda.Stream is patched before the
 engine is built); alone, nothing else uses the GPU, so that changes nothing there.
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from green_context import green_stream  # scripts/, beside this file
 
 from fastmaya_cli import maya1
 from fastmaya_cli.bench import BENCH_VOICE, NOVEL, _renderer, _run_llm
@@ -50,7 +53,7 @@ from fastmaya_cli.upsample import load_upsampler
 CHUNKS_A_CALL = 4
 CHUNK_SECONDS = 11.0
 HIGH, LOW = ENGINE_PRIORITY, DECODER_PRIORITY
-PLACEMENTS = ("alone", "other-process", "same-process", "same-process-low")
+PLACEMENTS = ("alone", "other-process", "same-process", "same-process-low")  # and green-N
 
 
 def call_codes() -> list[maya1.Codes]:
@@ -146,10 +149,11 @@ class SameProcess:
         self.decoded = 0.0
 
     @contextlib.contextmanager
-    def running(self, rate: float, priority: int) -> Iterator[Callable[[], float]]:
+    def running(self, rate: float, priority: int, stream: object = None) -> Iterator[Callable[[], float]]:
         stop = threading.Event()
         cuda = self.device.startswith("cuda")
-        stream = ORIGINAL_STREAM(priority=priority) if cuda else None
+        if stream is None and cuda:
+            stream = ORIGINAL_STREAM(priority=priority)
 
         def tally(seconds: float) -> None:
             self.decoded += seconds
@@ -177,6 +181,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=800)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--placements", default=",".join(PLACEMENTS), help="comma-separated; green-N too")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, transformers engine")
     args = parser.parse_args()
 
@@ -187,8 +192,18 @@ def main() -> None:
     weights = str(weights_path) if weights_path.exists() and not args.smoke else None
     device = "cpu" if args.smoke else "cuda"
 
-    other = OtherProcess(codec, weights)  # loaded before the engine sizes its KV cache from what is free
+    placements = tuple(args.placements.split(","))
+    if placements[0] != "alone":
+        placements = ("alone", *(p for p in placements if p != "alone"))
+    # loaded before the engine sizes its KV cache from what is free
+    other = OtherProcess(codec, weights) if "other-process" in placements else None
     same = SameProcess(codec, weights, device)
+    greens = {}
+    for placement in placements:
+        if placement.startswith("green-"):
+            made = green_stream(int(placement.removeprefix("green-")), priority=LOW)
+            greens[placement] = made.stream
+            print(f"{placement}: {made.sms} of {made.device_sms} SMs", flush=True)
     if args.smoke:
         from fastmaya_cli.engines.hf import HFEngine
 
@@ -218,6 +233,7 @@ def main() -> None:
         "torch": torch.__version__,
         "chunks": len(chunks),
         "streams_made_high_priority": getattr(torch.cuda.Stream, "made", 0),
+        "placements": placements,
         "passes": [],
     }
     _run_llm(renderer, chunks[: max(1, len(chunks) // 4)], "warm-up", kind)  # compiles LMDeploy's kernels
@@ -225,11 +241,13 @@ def main() -> None:
     rate = 0.0
     for turn in range(args.repeat):
         # Odd turns go the other way round, so no placement always follows the same one.
-        for placement in PLACEMENTS if turn % 2 == 0 else ("alone", *PLACEMENTS[:0:-1]):
+        for placement in placements if turn % 2 == 0 else ("alone", *placements[:0:-1]):
             if placement == "alone":
                 load = contextlib.nullcontext(lambda: 0.0)
             elif placement == "other-process":
                 load = other.running(rate)
+            elif placement in greens:
+                load = same.running(rate, LOW, greens[placement])
             else:
                 load = same.running(rate, HIGH if placement == "same-process" else LOW)
             with load as decoded:
@@ -269,7 +287,7 @@ def main() -> None:
     alone = statistics.mean(p["wall_s"] for p in passes if p["placement"] == "alone")
     report["alone_mean_s"] = round(alone, 2)
     summary = {}
-    for placement in PLACEMENTS[1:]:
+    for placement in placements[1:]:
         rows = [p for p in passes if p["placement"] == placement]
         lost = statistics.mean(p["wall_s"] for p in rows) - alone
         speech = statistics.mean(p["decoded_audio_s"] for p in rows)
@@ -282,7 +300,8 @@ def main() -> None:
     report["summary"] = summary
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    other.close()
+    if other is not None:
+        other.close()
     engine.close()
 
 

@@ -232,18 +232,11 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
     from fastmaya_cli.render import EngineOptions, RenderOptions
 
     options = RenderOptions(voice="v", engine=EngineOptions())
-    assert set(bench.NOVEL_VARIANTS) == {"decode-before", "ffmpeg-join", "join-after", "gather", "here"}
+    assert set(bench.NOVEL_VARIANTS) == {"decode-before", "ffmpeg-join", "join-after", "gather", "beside"}
     for variant, change in bench.NOVEL_VARIANTS.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
         changed = dataclasses.replace(options, **change)  # a misspelt field raises here
         assert all(getattr(changed, key) == value != getattr(options, key) for key, value in change.items())
-
-
-def test_every_stage_that_decodes_in_the_renderers_process_gets_a_decoder_loaded_before_the_engine():
-    decoding_here = {f"novel-{v}" for v, change in bench.NOVEL_VARIANTS.items() if change.get("decode_beside") is False}
-    assert decoding_here == {"novel-here", "novel-decode-before"}
-    assert decoding_here | {"decode-mix", "contention"} == bench.LOCAL_DECODER_STAGES
-    assert bench.LOCAL_DECODER_STAGES <= bench.RENDERER_STAGES
 
 
 def test_the_gain_trail_shows_what_each_early_part_asked_for_against_the_books_gain():

@@ -54,6 +54,30 @@ def test_a_book_decoded_in_the_engines_worker_sounds_as_one_decoded_here(scripte
     np.testing.assert_array_equal(audio, expected)
 
 
+def test_the_benchs_ab_an_engine_worker_that_decodes_for_one_renderer_and_not_another(
+    scripted_options, tmp_path, monkeypatch
+):
+    """The bench's novel-beside: one engine, whose worker decodes for a renderer that asks for it, while the
+    renderer that built it (the default: decoding in its own process) decodes itself."""
+    from fastmaya_cli.bench import _sharing
+    from fastmaya_cli.engines import factory
+
+    monkeypatch.setattr(factory, "worker_devices", lambda kind, gpus, tp: ["cpu"])  # a pooled scripted engine
+    here = render.Renderer(scripted_options(max_chunk_seconds=1.0), Progress("none"), decoder_in_worker=True)
+    try:
+        expected, _ = _render(here, tmp_path, "here")
+        remote = here.engine.beside_decoder
+        assert remote is not None and remote.frames_decoded == 0  # loaded in the worker, not used
+        assert not here.decodes_beside() and here.decoder.frames_decoded > 0
+        assert {"worker_codec", "worker_upsampler"} <= set(here.startup)
+        other = _sharing(here, decode_beside=True)
+        audio, _ = _render(other, tmp_path, "beside")
+        assert other.decodes_beside() and remote.frames_decoded > 0
+        np.testing.assert_array_equal(audio, expected)
+    finally:
+        here.close()
+
+
 def test_an_engine_in_this_process_cannot_decode_beside_so_the_renderer_decodes(scripted_options, tmp_path):
     renderer = render.Renderer(
         scripted_options(max_chunk_seconds=1.0, decode_beside=True), Progress("none"), engine=ScriptedEngine()
@@ -71,8 +95,7 @@ def test_only_an_engine_in_a_worker_process_decodes_beside_it_and_only_when_aske
         return render.Renderer(dataclasses.replace(options, engine=engine), Progress("none")).decodes_beside()
 
     assert decodes_beside("scripted", gpus="0,1", decode_beside=True)  # data parallel: workers
-    assert decodes_beside("scripted", gpus="0,1")  # the default
-    assert not decodes_beside("scripted", gpus="0,1", decode_beside=False)  # --no-decode-beside
+    assert not decodes_beside("scripted", gpus="0,1")  # not asked: the default
     assert not decodes_beside("hf", decode_beside=True)  # one hf engine runs in this process
 
 
@@ -158,6 +181,16 @@ def test_a_worker_gone_in_the_middle_of_a_call_is_a_runtime_failure(tiny_snac):
     assert "resumes" in caught.value.fix
     with pytest.raises(RuntimeFailure, match="stopped in the middle of a call"):
         remote.decode([random_codes(2, np.random.default_rng(0))], [0])  # the pipe is closed: send fails
+
+
+def test_a_worker_that_stops_answering_is_a_runtime_failure_not_a_hang():
+    ours, theirs = multiprocessing.Pipe()
+    remote = beside.RemoteDecoder(ours, "cuda:0", reply_timeout_s=0.2)
+    with pytest.raises(RuntimeFailure, match="has not answered a decode call in 0.2 s") as caught:
+        remote.decode([random_codes(2, np.random.default_rng(0))], [0])
+    assert "--no-decode-beside" in caught.value.fix
+    assert theirs.recv()[0] == "decode"  # the call went out; its answer never came
+    theirs.close()
 
 
 def test_the_upsampler_is_known_without_loading_it(tmp_path):

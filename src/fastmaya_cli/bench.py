@@ -44,19 +44,17 @@ BENCH_VOICE = "Female narrator in her 40s, warm, measured pace"
 # The novel rendered as before a change, or with a candidate that is not the default yet, stage
 # novel-VARIANT (an A/B with "novel" in one run): the renderer's options for each.
 NOVEL_VARIANTS: dict[str, dict[str, object]] = {
-    # decoded as before codec.plan_calls and pinned memory, in the renderer's process
-    "decode-before": {"decode_as_before": True, "decode_beside": False},
+    "decode-before": {"decode_as_before": True},  # decoded as before codec.plan_calls and pinned memory
     "ffmpeg-join": {"join_with_ffmpeg": True},  # m4b parts joined by ffmpeg's remux, as before mp4
     "join-after": {"join_after_render": True},  # m4b early parts joined after the last chunk, as before
     # Candidate: the decoder waits up to 2 s for calls of 32 chunks while the engine generates (no faster
     # in BENCHMARKS.md run T1, a scheduler-bound host; kept to measure on a GPU-bound one).
     "gather": {"decode_batch": 32, "decode_gather_s": 2.0},
-    # Decoded in the renderer's process, as before decoding beside the engine (beside.py) was the default.
-    "here": {"decode_beside": False},
+    # Candidate: decoding in the engine's worker process on a low-priority stream (beside.py; faster in
+    # runs V1, V2, not the default since run W1). With this stage the bench's engine worker loads that
+    # decoder too, so every stage has a little less KV cache.
+    "beside": {"decode_beside": True},
 }
-# The stages that decode in the renderer's process: the bench loads a decoder there too, before the engine
-# (which takes most of the free GPU memory), so every stage has a little less KV cache when one runs.
-LOCAL_DECODER_STAGES = frozenset({"novel-here", "novel-decode-before", "decode-mix", "contention"})
 # The novel's LLM-only pass or render with every thread free to run on any CPU, as before the engine's
 # scheduler thread had a core of its own (`cores`): an A/B in one process, with the same engine.
 SHARED_CORES = "shared-cores"
@@ -281,12 +279,12 @@ class StageResult:
         }
 
 
-def _renderer(options_kwargs: dict, engine=None):  # noqa: ANN001, ANN202
+def _renderer(options_kwargs: dict, engine=None, decoder_in_worker: bool = False):  # noqa: ANN001, ANN202
     from .render import EngineOptions, Renderer, RenderOptions
 
     engine_options = EngineOptions(**options_kwargs.pop("engine"))
     options = RenderOptions(engine=engine_options, **options_kwargs)
-    return Renderer(options, Progress("none"), engine=engine)
+    return Renderer(options, Progress("none"), engine=engine, decoder_in_worker=decoder_in_worker)
 
 
 def _sharing(renderer, **changes):  # noqa: ANN001, ANN202
@@ -784,10 +782,10 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             kv_cache=opts.kv_cache,
             gpus=opts.gpus,
         )
-        renderer = _renderer({**base, "engine": engine_kwargs})
+        renderer = _renderer(
+            {**base, "engine": engine_kwargs}, decoder_in_worker="novel-beside" in opts.stages
+        )
         t = time.perf_counter()
-        if LOCAL_DECODER_STAGES & set(opts.stages):
-            renderer.load_decoder_here()
         renderer.warm_up()
         startup["engine_total_s"] = round(time.perf_counter() - t, 2)
         startup.update({f"{k}_s": round(v, 2) for k, v in renderer.startup.items()})

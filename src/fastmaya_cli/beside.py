@@ -1,5 +1,5 @@
-"""Decoding beside the engine: SNAC and the upsampler in the engine's worker process (`--decode-beside`,
-the default where the engine has a worker process).
+"""Decoding beside the engine: SNAC and the upsampler in the engine's worker process (`--decode-beside`;
+experimental and off by default: a command-line render with it stalled on a GPU, BENCHMARKS.md run W1).
 
 Decoding in the renderer's process (`--no-decode-beside`), the GPU driver time-slices two CUDA contexts, the
 renderer's and the engine worker's: while a decode call holds the GPU, generation waits. Inside the worker's
@@ -35,6 +35,9 @@ from .errors import RuntimeFailure
 
 # CUDA stream priorities: the lower the number, the sooner the GPU starts a stream's waiting blocks.
 ENGINE_PRIORITY, DECODER_PRIORITY = -1, 0
+# A decode call takes well under a second on a GPU (16 chunks of 18 s); a worker silent this long is stuck,
+# and a render in a cron job must stop with a reason rather than wait forever.
+REPLY_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -223,9 +226,10 @@ class DecoderService:
 class RemoteDecoder:
     """The renderer's side: decode calls answered by the engine's worker process."""
 
-    def __init__(self, conn: Connection, worker: str) -> None:
+    def __init__(self, conn: Connection, worker: str, reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:
         self._conn = conn
         self._worker = worker
+        self._reply_timeout_s = reply_timeout_s
         self._lock = threading.Lock()
         self._info: tuple[int, dict[str, float]] | None = None
         self._audio_path: str | None = None
@@ -271,6 +275,12 @@ class RemoteDecoder:
 
     def _reply(self, kind: str) -> tuple[Any, ...]:
         try:
+            if not self._conn.poll(self._reply_timeout_s):
+                raise RuntimeFailure(
+                    f"The engine's worker on {self._worker} has not answered a decode call in "
+                    f"{self._reply_timeout_s:g} s.",
+                    "Render again with --no-decode-beside; what was rendered is kept and the render resumes.",
+                )
             message = self._conn.recv()
         except (EOFError, OSError):
             raise self._gone() from None

@@ -205,9 +205,10 @@ def render(
         typer.Option(
             "--decode-beside/--no-decode-beside",
             help="Decode and upsample in the engine's worker process, on a GPU stream of lower priority than "
-            "the engine's (LMDeploy, or several GPUs); --no-decode-beside: in the renderer's process.",
+            "the engine's (LMDeploy, or several GPUs; experimental, see BENCHMARKS.md); --no-decode-beside "
+            "(the default): in the renderer's process.",
         ),
-    ] = True,
+    ] = False,
     manifest: Annotated[
         Path | None,
         typer.Option(help="Write a JSON manifest: each chunk's text, start/end, frames, seed, status."),
@@ -479,8 +480,8 @@ def bench(
             "finish (CPU only); also contention (GPU): LLM-only passes alone, beside a render's CPU work, "
             "and beside its decoder's GPU work; novel-decode-before, novel-ffmpeg-join, novel-join-after "
             "(GPU): the novel rendered as before a change, an A/B with novel in one run; novel-gather (GPU): "
-            "the novel with the decoder waiting up to 2 s for calls of 32 chunks; novel-here (GPU): the "
-            "novel decoded in the renderer's process (--no-decode-beside); and "
+            "the novel with the decoder waiting up to 2 s for calls of 32 chunks; novel-beside (GPU): the "
+            "novel decoded in the engine's worker process (--decode-beside); and "
             "novel-llm-shared-cores, novel-shared-cores (GPU): the novel with no core kept for the engine's "
             "scheduler thread."
         ),

@@ -105,9 +105,10 @@ class RenderOptions:
     join_after_render: bool = False  # m4b/m4a early parts joined after the last chunk: the bench baseline
     warm_decoder: bool = True  # decode the largest batches once at load (see Renderer.warm_decoder)
     # Decode and upsample in the engine's worker process, on a CUDA stream of lower priority than the
-    # engine's (see beside.py): renders 1.08x faster on an H100 (BENCHMARKS.md runs V1, V2). Where the engine
-    # has no worker process (hf or a tensor-parallel LMDeploy on one machine), in this process anyway.
-    decode_beside: bool = True
+    # engine's (see beside.py): the bench's renders ran 1.08x faster on an H100 (BENCHMARKS.md runs V1, V2),
+    # but a command-line render with it stalled on a GPU (run W1), so it is off until that is understood.
+    # Where the engine has no worker process (hf, or a tensor-parallel LMDeploy), in this process anyway.
+    decode_beside: bool = False
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -208,8 +209,18 @@ def _until_sentence(chunks: Sequence[Chunk], sentences: int) -> Iterator[Chunk]:
 class Renderer:
     """Holds the models for a process: they load once, on the first book that needs them."""
 
-    def __init__(self, options: RenderOptions, progress: Progress, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        options: RenderOptions,
+        progress: Progress,
+        *,
+        engine: Engine | None = None,
+        decoder_in_worker: bool = False,
+    ) -> None:
+        """`decoder_in_worker`: the engine's worker loads a decoder even where this renderer decodes
+        itself, for renderers that share the engine and decode beside it (the bench's A/B)."""
         self.options = options
+        self._decoder_in_worker = decoder_in_worker
         self.progress = progress
         self.voice = maya1.clean_voice(options.voice)
         self._engine = engine
@@ -235,14 +246,16 @@ class Renderer:
         if self._engine is None:
             from .engines.factory import create_engine
 
-            decoder = self._beside_spec() if self.decodes_beside() else None
+            in_worker = self._decoder_in_worker or self.decodes_beside()
+            decoder = self._beside_spec() if in_worker else None
             self._engine = self._timed(
                 "engine", lambda: create_engine(self.options.engine, self.progress.note, decoder=decoder)
             )
-            remote = self.beside_decoder()
+            remote = getattr(self._engine, "beside_decoder", None)
             if remote is not None:
                 # The engine's start included loading and warming the decoder in its worker.
-                self.startup.update(remote.startup)
+                prefix = "" if self.options.decode_beside else "worker_"
+                self.startup.update({prefix + step: s for step, s in remote.startup.items()})
                 self.startup["engine"] -= sum(remote.startup.values())
             elif decoder is not None:
                 self.progress.note("the engine could not decode beside it; decoding in this process")
