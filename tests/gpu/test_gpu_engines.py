@@ -60,7 +60,11 @@ def _run_or_dump_stacks(cmd: list[str], timeout_s: float) -> tuple[int | None, s
         return process.returncode, stderr
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGABRT)
-        _, stderr = process.communicate(timeout=60)
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # a process that outlived SIGABRT still holds the pipe
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
         return None, f"still running after {timeout_s:g} s; the stacks:\n{stderr[-20000:]}"
 
 
