@@ -34,7 +34,6 @@ class GreenStream:
     stream: object
     sms: int  # the SMs the driver gave (a multiple of its partition size, at least what was asked)
     device_sms: int
-    handles: tuple[int, int]  # the green context and the stream (kept for the process's lifetime)
 
 
 def _driver() -> ctypes.CDLL:
@@ -101,4 +100,6 @@ def green_stream(num_sms: int, *, priority: int = 0, device_index: int = 0) -> G
         "cuGreenCtxStreamCreate",
     )
     external = torch.cuda.ExternalStream(stream.value, device=torch.device("cuda", device_index))
-    return GreenStream(external, _sm_count(part), device_sms, (context.value or 0, stream.value or 0))
+    return GreenStream(
+        external, _sm_count(part), device_sms
+    )  # the context and stream live as long as the process

@@ -622,12 +622,8 @@ class Renderer:
         """Load and warm the decoder here, before the engine, which takes most of the free GPU memory;
         decoding beside the engine, its worker does that before it builds the engine."""
         if not self.decodes_beside():
-            self.load_decoder_here()
-
-    def load_decoder_here(self) -> None:
-        """Load and warm the decoder in this process, whichever process decodes the render."""
-        _ = self.decoder, self.upsampler
-        self.warm_decoder()
+            _ = self.decoder, self.upsampler
+            self.warm_decoder()
 
     def _generate(self, states: list[ChunkState], pending: list[int], tracker: DecodeQueue) -> None:
         feed = RequestFeed(self._request(i, states[i]) for i in pending)
@@ -813,13 +809,11 @@ class DecodeWorker:
         assembling.start()
         most = max(1, self.renderer.options.decode_batch)
         try:
-            beside = self.renderer.decodes_beside()
-            with contextlib.nullcontext() if beside else self.renderer.decode_stream():
-                while self.error is None and (batch := self.tracker.take(most)) is not None:
-                    began = time.perf_counter()
-                    decoded.put(self._decode(batch))
-                    seconds = sum(self.states[i].chunk.seconds for i in batch)
-                    self.calls.append((began, time.perf_counter(), len(batch), seconds))
+            while self.error is None and (batch := self.tracker.take(most)) is not None:
+                began = time.perf_counter()
+                decoded.put(self._decode(batch))
+                seconds = sum(self.states[i].chunk.seconds for i in batch)
+                self.calls.append((began, time.perf_counter(), len(batch), seconds))
         except BaseException as exc:  # handed to the main thread by join_checked
             self.error = exc
         finally:
@@ -852,13 +846,14 @@ class DecodeWorker:
             if beside is not None:
                 clips = beside.decode(codes, seeds)
             else:
-                clips, _ = decode_and_upsample(
-                    decoder,
-                    self.renderer.upsampler,
-                    codes,
-                    seeds=seeds,
-                    **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
-                )
+                with self.renderer.decode_stream():
+                    clips, _ = decode_and_upsample(
+                        decoder,
+                        self.renderer.upsampler,
+                        codes,
+                        seeds=seeds,
+                        **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
+                    )
             self.frames_decoded += decoder.frames_decoded - decoded
             self.frames_computed += decoder.frames_computed - computed
             audio.update(zip(members, clips, strict=True))
