@@ -1,5 +1,6 @@
 """Decoding beside the engine: SNAC and the upsampler in the engine's worker process (`--decode-beside`;
-experimental and off by default: a command-line render with it stalled on a GPU, BENCHMARKS.md run W1).
+experimental and off by default: a command-line render with it stalled on a GPU, BENCHMARKS.md run W1, and
+finished in run X1; the cause is not known).
 
 Decoding in the renderer's process (`--no-decode-beside`), the GPU driver time-slices two CUDA contexts, the
 renderer's and the engine worker's: while a decode call holds the GPU, generation waits. Inside the worker's
