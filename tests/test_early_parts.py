@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastmaya_cli import assemble, split_encode
+from fastmaya_cli import assemble, intermediate, split_encode
 from fastmaya_cli.assemble import EARLY_ENCODER_NICENESS, Assembler, BookInfo, OutputSpec, Pauses, Segment
 from fastmaya_cli.early_parts import (
     GAIN_TOLERANCE_DB,
@@ -31,6 +31,7 @@ from fastmaya_cli.early_parts import (
     reuse_gain,
     speculative_gain,
 )
+from fastmaya_cli.intermediate import SegmentedFlac
 from fastmaya_cli.outputs import STREAM_CODECS, FfmpegWriter
 from fastmaya_cli.split_encode import MARGIN_FRAMES, part_sources
 from test_split_encode import FFMPEG, SR, book_segments, decode, needs_ffmpeg
@@ -355,6 +356,43 @@ def test_early_parts_are_the_bytes_the_finish_would_write(tmp_path: Path, patien
     assert len(patient) == 2 and patient[0].cuts == patient[1].cuts and len(patient[0].cuts) >= 3
     assert (tmp_path / "early.m4b").read_bytes() == (tmp_path / "finish.m4b").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early.m4b", "finish.m4b"]  # no part left
+
+
+@needs_ffmpeg
+def test_the_finish_gives_back_the_segments_only_kept_parts_cover_while_it_encodes_the_rest(
+    tmp_path: Path, patient: list[EarlyParts], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the early parts kept cover is not read again: its segments of the intermediate file go while the
+    finish encodes the rest, and the book is the same as with every segment kept to the end."""
+    monkeypatch.setattr(intermediate, "SEGMENT_SECONDS", 2.0)
+    real_read, real_discard = SegmentedFlac.read, SegmentedFlac.discard
+    read: set[int] = set()
+    discarded: list[tuple[list[Path], list[Path], int]] = []  # removed, every segment, segment samples
+
+    def recording_read(self: SegmentedFlac, start: int, stop: int, block: int) -> Iterable[np.ndarray]:
+        read.update(range(start // self.segment_samples, (stop - 1) // self.segment_samples + 1))
+        return real_read(self, start, stop, block)
+
+    def recording_discard(self: SegmentedFlac, keep: list[tuple[int, int]]) -> list[Path]:
+        removed = real_discard(self, keep)
+        discarded.append((removed, self.paths, self.segment_samples))
+        return removed
+
+    monkeypatch.setattr(SegmentedFlac, "read", recording_read)
+    monkeypatch.setattr(SegmentedFlac, "discard", recording_discard)
+    segments = book_segments(40.0)
+    given_back = render(tmp_path / "given_back.m4b", segments, "acx", 8.0, expected=40.0)
+    assert given_back.encoded_early >= 8 and read  # type: ignore[attr-defined]
+    assert len(discarded) == 1
+    removed, paths, _ = discarded[0]
+    assert len(removed) >= 4  # 2 s segments under at least 8 s of kept parts
+    assert {paths.index(path) for path in removed} == set(range(len(paths))) - read
+    monkeypatch.setattr(SegmentedFlac, "discard", lambda self, keep: [])
+    kept = render(tmp_path / "kept.m4b", segments, "acx", 8.0, expected=40.0)
+    assert patient[0].cuts == patient[1].cuts
+    assert (tmp_path / "given_back.m4b").read_bytes() == (tmp_path / "kept.m4b").read_bytes()
+    assert kept.early_parts == given_back.early_parts  # type: ignore[attr-defined]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["given_back.m4b", "kept.m4b"]  # no segment left
 
 
 @needs_ffmpeg

@@ -178,3 +178,21 @@ def test_a_short_write_is_the_callers_failure_too(tmp_path, monkeypatch):
     with pytest.raises(RuntimeFailure, match="disk full while writing book.wav"):
         flac.write(to_pcm(_samples(100), 24))
         flac.close()
+
+
+def test_discard_removes_only_the_segments_no_kept_range_reads(tmp_path):
+    flac, made = _flac(tmp_path, 2)  # 80 samples a segment
+    pcm = to_pcm(_samples(800), 24)
+    flac.write(pcm)
+    flac.close()
+    removed = flac.discard([(150, 170), (-20, 5), (400, 481)])  # keeps 1 and 2, 0 (from before 0), 5 and 6
+    assert removed == [made[i] for i in (3, 4, 7, 8, 9)]
+    assert [path.exists() for path in made] == [i not in (3, 4, 7, 8, 9) for i in range(10)]
+    exact = pcm.astype(np.float64) / 2**31
+    for start, stop in [(0, 5), (150, 170), (80, 240), (400, 560)]:
+        np.testing.assert_array_equal(
+            np.concatenate(list(flac.read(start, stop, block=50))), exact[start:stop]
+        )
+    with pytest.raises(RuntimeError, match="segment 3 of the intermediate file was discarded"):
+        list(flac.read(230, 250, block=50))
+    assert flac.discard([]) == [made[i] for i in (0, 1, 2, 5, 6)]  # the rest, each once

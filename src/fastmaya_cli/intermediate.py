@@ -11,7 +11,7 @@ order. While the book renders, speech arrives a little at a time and one lane at
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 
@@ -56,6 +56,7 @@ class SegmentedFlac:
         self._open: dict[int, sf.SoundFile] = {}  # segments being written, by number
         self._lanes = [Lane(f"fastmaya-flac{i}", ENCODER_DEPTH) for i in range(max(1, encoders))]
         self._written = 0  # samples handed to write()
+        self._discarded: set[int] = set()  # segments removed before the end (see discard)
 
     @property
     def encoders(self) -> int:
@@ -133,6 +134,26 @@ class SegmentedFlac:
                 file.close()
         self._open.clear()
 
+    def discard(self, keep: Sequence[tuple[int, int]]) -> list[Path]:
+        """Remove, after `close`, the segments that no ``(start, stop)`` sample range in `keep` reads; returns their
+        paths. At the finish most of a long book is already encoded in early parts: the segments only those
+        cover are gigabytes that the finish can give back while it encodes the rest, not after."""
+        needed: set[int] = set()
+        for start, stop in keep:
+            if stop > start:
+                needed.update(
+                    range(max(0, start) // self.segment_samples, (stop - 1) // self.segment_samples + 1)
+                )
+        removed = []
+        for segment, path in enumerate(self._paths):
+            if segment in needed or segment in self._discarded:
+                continue
+            self._discarded.add(segment)
+            with suppress(OSError):  # the finish removes every reserved path again, quietly
+                path.unlink()
+            removed.append(path)
+        return removed
+
     def read(self, start: int, stop: int, block: int) -> Iterator[np.ndarray]:
         """Samples ``[start, stop)`` as float32, at most `block` at a time (shorter where a segment ends)."""
         position = start
@@ -141,6 +162,8 @@ class SegmentedFlac:
             end = min(stop, (segment + 1) * self.segment_samples)
             if segment >= len(self._paths):
                 raise RuntimeError("intermediate file ended early")
+            if segment in self._discarded:
+                raise RuntimeError(f"segment {segment} of the intermediate file was discarded")
             with sf.SoundFile(str(self._paths[segment])) as source:
                 source.seek(within)
                 while position < end:
