@@ -21,7 +21,6 @@ process's first pass over the chunks against its second; PROFILE_BATCHES=N sets 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -33,7 +32,7 @@ import torch
 
 from fastmaya_cli import maya1
 from fastmaya_cli.checkpoints import random_snac
-from fastmaya_cli.codec import SnacDecoder, random_codes
+from fastmaya_cli.codec import SnacDecoder, random_codes, to_dtype
 from fastmaya_cli.render import decode_and_upsample
 from fastmaya_cli.upsample import load_upsampler
 
@@ -70,16 +69,6 @@ def timed(run, repeat: int = REPEAT) -> float:  # noqa: ANN001
         sync()
         walls.append(time.perf_counter() - started)
     return statistics.median(walls)
-
-
-def to_dtype(decoder: SnacDecoder, dtype: torch.dtype) -> None:
-    decoder.model.to(dtype)
-    for module in decoder.model.modules():
-        weights = getattr(module, "fused_weights", None)
-        if weights is not None:
-            module.fused_weights = dataclasses.replace(weights, pointwise=weights.pointwise.to(dtype))
-        if getattr(module, "fused_weight", None) is not None:
-            module.fused_weight = module.fused_weight.to(dtype)
 
 
 def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -173,7 +162,7 @@ def main() -> None:
     for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
         try:
             low = SnacDecoder(path, device)
-            to_dtype(low, dtype)
+            to_dtype(low.model, dtype)
             report[f"snac_{name}_audio_s_per_s"] = round(audio_s / timed(lambda low=low: snac_only(low)), 1)
             report[f"snac_{name}_snr_db"] = snr_db(
                 reference, torch.cat([a.flatten() for a in snac_only(low)])

@@ -232,7 +232,14 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
     from fastmaya_cli.render import EngineOptions, RenderOptions
 
     options = RenderOptions(voice="v", engine=EngineOptions())
-    assert set(bench.NOVEL_VARIANTS) == {"decode-before", "ffmpeg-join", "join-after", "gather", "beside"}
+    assert set(bench.NOVEL_VARIANTS) == {
+        "decode-before",
+        "ffmpeg-join",
+        "join-after",
+        "gather",
+        "beside",
+        "half",
+    }
     for variant, change in bench.NOVEL_VARIANTS.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
         changed = dataclasses.replace(options, **change)  # a misspelt field raises here
@@ -398,3 +405,22 @@ def test_each_novel_render_is_also_compared_with_the_mean_of_the_llm_only_passes
     report: dict = {}
     bench._summarise(report, stages)
     assert report["summary"]["novel_shares_of_bracketing_llm_only"][0] == ("render-novel", 0.6)
+
+
+def test_a_variant_with_another_decoder_loads_its_own_and_the_others_share_the_loaded_one(scripted_options):
+    from fastmaya_cli.engines.scripted import ScriptedEngine
+    from fastmaya_cli.progress import Progress
+    from fastmaya_cli.render import Renderer
+
+    renderer = Renderer(scripted_options(max_chunk_seconds=1.0), Progress("none"), engine=ScriptedEngine())
+    renderer.load_decoder()
+    loaded = renderer.decoder
+    gathering = bench._sharing(renderer, **bench.NOVEL_VARIANTS["gather"])
+    assert gathering._decoder is loaded
+    half = bench._sharing(renderer, **bench.NOVEL_VARIANTS["half"])
+    assert half._decoder is None
+    half.load_decoder()
+    assert half.decoder is not loaded and half.decoder.half and not loaded.half
+    assert half.upsampler is renderer.upsampler and half.decode_thread is renderer.decode_thread
+    assert half._beside_spec().codec_half and not renderer._beside_spec().codec_half
+    renderer.close()

@@ -201,3 +201,25 @@ def test_the_upsampler_is_known_without_loading_it(tmp_path):
     assert resolved_kind("auto", weights) == "speechsr"
     assert resolved_kind("resample", None) == "resample"
     assert output_rate_of("none") == 24_000 and output_rate_of("speechsr") == 48_000
+
+
+def test_the_decoder_service_decodes_in_float16_when_the_spec_says_so(tiny_snac):
+    from fastmaya_cli.codec import SnacDecoder
+    from fastmaya_cli.upsample import PassThrough
+
+    ours, theirs = multiprocessing.Pipe()
+    spec = beside.DecoderSpec(
+        str(tiny_snac), "none", None, decode_batch=4, max_new_tokens=70, codec_half=True
+    )
+    service = beside.DecoderService(spec, "cpu", theirs)
+    remote = beside.RemoteDecoder(ours, "cpu")
+    codes = [random_codes(n, np.random.default_rng(5)) for n in (3, 6)]
+    clips = remote.decode(codes, [7, 8])
+    for half in (True, False):
+        expected, _ = render.decode_and_upsample(
+            SnacDecoder(str(tiny_snac), "cpu", half=half), PassThrough(), codes, seeds=[7, 8]
+        )
+        same = all(np.array_equal(clip, want) for clip, want in zip(clips, expected, strict=True))
+        assert same == half
+    ours.close()
+    service._thread.join(5)

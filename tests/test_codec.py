@@ -293,3 +293,32 @@ def test_decoder_runs_snac_in_tf32_only_when_asked(tiny_snac, tf32):
     on = "tf32" if hasattr(torch.backends.cuda.matmul, "fp32_precision") else "True"
     assert seen == ([on] if tf32 else [_matmul_precision()])
     assert _matmul_precision() != on
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_float16_decoder_decodes_what_float32_does_to_60_db(tiny_snac, fused):
+    full = SnacDecoder(tiny_snac, "cpu", fused=fused)
+    half = SnacDecoder(tiny_snac, "cpu", fused=fused, half=True)
+    assert {p.dtype for p in half.model.parameters()} == {torch.float16}
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    batch = [_codes(5, 0), _codes(9, 1)]
+    expected, expected_lengths = full.decode(batch, [1, 2])
+    got, lengths = half.decode(batch, [1, 2])
+    assert got.dtype == torch.float32 and lengths == expected_lengths
+    snr_db = 10 * math.log10(float((expected**2).sum()) / float(((got - expected) ** 2).sum()))
+    assert 60.0 < snr_db < 120.0  # float16's rounding, not float32's result by another way
+    assert half.half_fallbacks == 0
+
+
+def test_a_call_float16_cannot_hold_is_decoded_again_in_float32(tiny_snac):
+    full = SnacDecoder(tiny_snac, "cpu")
+    half = SnacDecoder(tiny_snac, "cpu", half=True)
+    batch = [_codes(4, 0), _codes(6, 1)]
+    expected, _ = full.decode(batch, [1, 2])
+    handle = half.model.decoder.register_forward_hook(lambda module, args, out: out * float("inf"))
+    got, _ = half.decode(batch, [1, 2])
+    assert half.half_fallbacks == 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the float32 twin: the same weights and noise
+    handle.remove()
+    half.decode(batch, [1, 2])
+    assert half.half_fallbacks == 1

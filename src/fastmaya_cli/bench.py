@@ -54,7 +54,12 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     # runs V1, V2, not the default since run W1). With this stage the bench's engine worker loads that
     # decoder too, so every stage has a little less KV cache.
     "beside": {"decode_beside": True},
+    # Candidate: SNAC in float16 (codec.SnacDecoder's `half`), with a decoder of its own in the renderer's
+    # process. For decoding beside the engine in float16, --codec-half makes every stage's decoder so.
+    "half": {"codec_half": True},
 }
+# Options that make a different decoder: a renderer changing one of them does not share the loaded one.
+DECODER_OPTIONS = ("codec", "codec_half")
 # The novel's LLM-only pass or render with every thread free to run on any CPU, as before the engine's
 # scheduler thread had a core of its own (`cores`): an A/B in one process, with the same engine.
 SHARED_CORES = "shared-cores"
@@ -104,6 +109,7 @@ class BenchOptions:
     json_out: Path | None = None
     out_dir: Path = Path("/tmp/fastmaya-bench")
     warm_decoder: bool = True  # RenderOptions.warm_decoder of every render stage
+    codec_half: bool = False  # RenderOptions.codec_half of every render stage and of the engine's worker
 
 
 class MemoryPeak:
@@ -294,9 +300,10 @@ def _sharing(renderer, **changes):  # noqa: ANN001, ANN202
     other = Renderer(
         dataclasses.replace(renderer.options, **changes), Progress("none"), engine=renderer.engine
     )
-    other._decoder, other._upsampler = renderer._decoder, renderer._upsampler  # those loaded, if any
+    if all(getattr(other.options, name) == getattr(renderer.options, name) for name in DECODER_OPTIONS):
+        other._decoder, other._decoder_warm = renderer._decoder, renderer._decoder_warm  # loaded, if it is
+    other._upsampler = renderer._upsampler
     other._decode_thread = renderer.decode_thread  # where the models were warmed
-    other._decoder_warm = renderer._decoder_warm
     other._encode = renderer.encode
     return other
 
@@ -735,6 +742,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         cache_dir=None,
         force=True,
         warm_decoder=opts.warm_decoder,
+        codec_half=opts.codec_half,
     )
     report: dict = {
         "date": datetime.date.today().isoformat(),
@@ -749,6 +757,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         "startup": startup,
         "render_output": {"format": opts.render_format, "loudness": opts.render_loudness},
         "warm_decoder": opts.warm_decoder,
+        "codec_half": opts.codec_half,
     }
     stages: list[StageResult] = []
 
@@ -832,6 +841,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
                     results.append(_run_llm(novel_renderer, novel_chunks, f"llm-novel{suffix}", name))
                 elif variant in NOVEL_VARIANTS:
                     before = _sharing(novel_renderer, **NOVEL_VARIANTS[variant])
+                    before.load_decoder()  # one of its own (novel-half) loads and warms here, untimed
                     stage = f"render-novel-{variant}"
                     results.append(_run_render(before, novel, novel_out, stage, name, opts.render_loudness))
                 else:

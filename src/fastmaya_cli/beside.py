@@ -51,6 +51,7 @@ class DecoderSpec:
     decode_batch: int
     max_new_tokens: int
     warm: bool = True
+    codec_half: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class DecoderService:
         stream = original_stream(self.device, priority=DECODER_PRIORITY) if cuda else None
         spec = self.spec
         started = time.perf_counter()
-        decoder = SnacDecoder(spec.codec, self.device)
+        decoder = SnacDecoder(spec.codec, self.device, half=spec.codec_half)
         self.startup["codec"] = time.perf_counter() - started
         started = time.perf_counter()
         upsampler = load_upsampler(

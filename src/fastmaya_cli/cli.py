@@ -481,7 +481,8 @@ def bench(
             "and beside its decoder's GPU work; novel-decode-before, novel-ffmpeg-join, novel-join-after "
             "(GPU): the novel rendered as before a change, an A/B with novel in one run; novel-gather (GPU): "
             "the novel with the decoder waiting up to 2 s for calls of 32 chunks; novel-beside (GPU): the "
-            "novel decoded in the engine's worker process (--decode-beside); and "
+            "novel decoded in the engine's worker process (--decode-beside); novel-half (GPU): the novel with "
+            "SNAC in float16 (a decoder of its own); and "
             "novel-llm-shared-cores, novel-shared-cores (GPU): the novel with no core kept for the engine's "
             "scheduler thread."
         ),
@@ -528,6 +529,13 @@ def bench(
             "compare across two bench processes)."
         ),
     ] = False,
+    codec_half: Annotated[
+        bool,
+        typer.Option(
+            help="Every render stage decodes SNAC in float16, the engine worker's decoder too (a candidate: "
+            "compare with a bench process without it)."
+        ),
+    ] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Measure throughput on this GPU: hf anchor, LMDeploy LLM-only, full render, the novel (LLM only and
@@ -556,6 +564,7 @@ def bench(
                 upsampler_weights=upsampler_weights,
                 json_out=json_out,
                 warm_decoder=not cold_decoder,
+                codec_half=codec_half,
             )
         )
         return 0

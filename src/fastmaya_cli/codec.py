@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import os
 import time
@@ -194,6 +196,7 @@ class SnacDecoder:
         fused: bool | None = None,
         bucketed: bool | None = None,
         tf32: bool | None = None,
+        half: bool = False,
     ) -> None:
         """`fused` runs the decoder's residual units and noise blocks as in snac_fused. By default it is on
         on CUDA, unless the decoder's residual units are not laid out as the snac package's are.
@@ -201,7 +204,10 @@ class SnacDecoder:
         `tf32` runs the fused path's matrix products in TF32 (by default on CUDA): SNAC's own modules do
         the same products as 1x1 convolutions, which cuDNN runs in TF32 under PyTorch's defaults, so
         this is the precision SNAC decodes at on a GPU anyway. Full float32 made them 44% of SNAC's time
-        on an H200, and TF32 decoded 1.33x and 1.32x faster (scripts/profile_decoder.py, BENCHMARKS.md runs K1, K2)."""
+        on an H200, and TF32 decoded 1.33x and 1.32x faster (scripts/profile_decoder.py, BENCHMARKS.md runs K1, K2).
+        `half` (a candidate, off by default) decodes in float16: 1.25x as fast as TF32 and 56.8 dB from it on an
+        H100, with random weights (run R2). A call whose audio is not finite in float16 (an activation past
+        float16's range) is decoded again in float32; `half_fallbacks` counts them."""
         self.device = torch.device(device)
         self.bucketed = self.device.type == "cuda" if bucketed is None else bucketed
         self.tf32 = self.device.type == "cuda" if tf32 is None else tf32
@@ -227,6 +233,13 @@ class SnacDecoder:
                 module.fused_weight = module.linear.weight[:, :, 0].detach() if self.fused else None
                 module.forward = types.MethodType(_chunk_seeded_noise, module)
                 layer += 1
+        self.half = half
+        self.half_fallbacks = 0
+        self._float32_model = None
+        if half:
+            # The float32 model stays, for calls float16 cannot hold; the noise hooks are copied with it.
+            self._float32_model, self.model = self.model, copy.deepcopy(self.model)
+            to_dtype(self.model, torch.float16)
         if self.device.type == "cuda":
             # cuDNN and cuBLAS set up on the first call; pay that at load, not in the first batch.
             silence = np.zeros(4, dtype=np.int64)
@@ -250,16 +263,42 @@ class SnacDecoder:
         # Seeds are 63-bit: a chunk seed (any Python int) folded into int64's positive range.
         row_seeds = [seed % (1 << 63) for seed in seeds] + [0] * (rows - len(codes))
         self._seeds = torch.tensor(row_seeds, dtype=torch.int64).to(self.device)
-        latent = self.model.quantizer.from_codes(books)
-        latent_per_frame = latent.shape[-1] // width
-        latent_ends = torch.tensor(row_frames, device=self.device).view(-1, 1, 1) * latent_per_frame
-        latent = latent.masked_fill(torch.arange(latent.shape[-1], device=self.device) >= latent_ends, 0.0)
         lengths = [f * SAMPLES_PER_FRAME for f in frames]
-        with tf32_matmuls(self.tf32):
-            audio = self.model.decoder(latent)[: len(codes), 0, : max(lengths)].float()
+        audio = self._run(self.model, books, row_frames, width)[: len(codes), 0, : max(lengths)].float()
+        if self._float32_model is not None and not bool(torch.isfinite(audio).all()):
+            self.half_fallbacks += 1
+            audio = self._run(self._float32_model, books, row_frames, width)[: len(codes), 0, : max(lengths)]
         sample_ends = torch.tensor(lengths, device=self.device).view(-1, 1)
         audio = audio.masked_fill(torch.arange(audio.shape[-1], device=self.device) >= sample_ends, 0.0)
         return audio, lengths
+
+    def _run(self, model, books: list[torch.Tensor], row_frames: list[int], width: int) -> torch.Tensor:  # noqa: ANN001 - snac.SNAC
+        """SNAC's decoder on the padded codes, each row's latent past its frames silenced: [rows, 1, samples]."""
+        latent = model.quantizer.from_codes(books)
+        latent_per_frame = latent.shape[-1] // width
+        latent_ends = torch.tensor(row_frames, device=self.device).view(-1, 1, 1) * latent_per_frame
+        latent = latent.masked_fill(torch.arange(latent.shape[-1], device=self.device) >= latent_ends, 0.0)
+        with tf32_matmuls(self.tf32):
+            return model.decoder(latent)
+
+
+def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """SNAC, set up by SnacDecoder (weight norm baked, fused units, noise hooks), in `dtype`. The fused units'
+    per-channel weights stay float32: the Triton kernel reads them so and computes in float32."""
+    for module in model.modules():
+        weights = getattr(module, "fused_weights", None)
+        if weights is not None:
+            # Copies first: some of them are the parameters themselves, which half() converts in place.
+            tensors = {
+                field.name: getattr(weights, field.name).detach().clone()
+                for field in dataclasses.fields(weights)
+                if isinstance(getattr(weights, field.name), torch.Tensor)
+            }
+            tensors["pointwise"] = tensors["pointwise"].to(dtype)
+            module.fused_weights = dataclasses.replace(weights, **tensors)
+        if getattr(module, "fused_weight", None) is not None:
+            module.fused_weight = module.fused_weight.detach().to(dtype)
+    model.to(dtype)
 
 
 def random_codes(frames: int, rng: np.random.Generator) -> Codes:

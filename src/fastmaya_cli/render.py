@@ -104,6 +104,9 @@ class RenderOptions:
     join_with_ffmpeg: bool = False  # m4b/m4a parts joined by ffmpeg's remux, not mp4: the bench's baseline
     join_after_render: bool = False  # m4b/m4a early parts joined after the last chunk: the bench baseline
     warm_decoder: bool = True  # decode the largest batches once at load (see Renderer.warm_decoder)
+    # SNAC in float16 (codec.SnacDecoder's `half`): a candidate the bench measures (--codec-half, novel-half),
+    # not yet a render option: it was checked against float32 with random weights only.
+    codec_half: bool = False
     # Decode and upsample in the engine's worker process, on a CUDA stream of lower priority than the
     # engine's (see beside.py): the bench's renders ran 1.08x faster on an H100 (BENCHMARKS.md runs V1, V2),
     # but a command-line render with it stalled on a GPU (run W1), so it is off until that is understood.
@@ -264,7 +267,13 @@ class Renderer:
     def _beside_spec(self) -> DecoderSpec:
         o = self.options
         return DecoderSpec(
-            o.codec, o.upsampler, o.upsampler_weights, o.decode_batch, o.max_new_tokens, o.warm_decoder
+            o.codec,
+            o.upsampler,
+            o.upsampler_weights,
+            o.decode_batch,
+            o.max_new_tokens,
+            o.warm_decoder,
+            o.codec_half,
         )
 
     def decodes_beside(self) -> bool:
@@ -311,7 +320,10 @@ class Renderer:
         if self._decoder is None:
             device = self.audio_device()
             self._decoder = self._timed(
-                "codec", self._on_decode_thread(lambda: SnacDecoder(self.options.codec, device))
+                "codec",
+                self._on_decode_thread(
+                    lambda: SnacDecoder(self.options.codec, device, half=self.options.codec_half)
+                ),
             )
         return self._decoder
 
@@ -503,6 +515,7 @@ class Renderer:
             o.upsampler,
             o.upsampler_weights,
             resolved_kind(o.upsampler, o.upsampler_weights),  # the name of the upsampler that decodes
+            *(["codec_half"] if o.codec_half else []),  # only when on: stamps written before it stay valid
         )
 
     def stamp_path(self, spec: OutputSpec) -> Path | None:
