@@ -240,8 +240,10 @@ def test_memory_holds_only_the_overlap_tail(tmp_path: Path) -> None:
 def test_flac_without_loudness_is_encoded_as_it_streams(tmp_path: Path) -> None:
     """No gain to wait for: the FLAC output grows while segments arrive, and equals the two-pass result."""
     rng = np.random.default_rng(1)
-    segments = [seg(i, rng.uniform(-0.5, 0.5, int(n)), BOUNDARIES[i % 5]) for i, n in
-                enumerate(rng.integers(300, 3000, 40))]
+    segments = [
+        seg(i, rng.uniform(-0.5, 0.5, int(n)), BOUNDARIES[i % 5])
+        for i, n in enumerate(rng.integers(300, 3000, 40))
+    ]
     flac = tmp_path / "direct" / "book.flac"
     flac.parent.mkdir()
     sizes = []
@@ -266,12 +268,17 @@ def test_flac_without_loudness_is_encoded_as_it_streams(tmp_path: Path) -> None:
 
 def test_flac_without_loudness_clips_over_full_scale_and_says_so(tmp_path: Path) -> None:
     path = tmp_path / "loud.flac"
-    _, result = assemble(OutputSpec(path, "flac", sample_rate=SR, loudness="off"), [seg(0, np.full(1000, 1.5))])
+    _, result = assemble(
+        OutputSpec(path, "flac", sample_rate=SR, loudness="off"), [seg(0, np.full(1000, 1.5))]
+    )
     audio, _ = sf.read(str(path))
     assert np.max(np.abs(audio)) <= 1.0 and np.max(audio) > 0.99
     assert any("over full scale and were clipped" in w for w in result.warnings)  # type: ignore[attr-defined]
 
-    with pytest.raises(KeyError), Assembler(OutputSpec(path, "flac", sample_rate=SR, loudness="off")) as assembler:
+    with (
+        pytest.raises(KeyError),
+        Assembler(OutputSpec(path, "flac", sample_rate=SR, loudness="off")) as assembler,
+    ):
         assembler.add(seg(0, np.full(1000, 0.1)))
         raise KeyError("rendering failed")
     assert visible(tmp_path) == ["loud.flac"]  # the earlier book, untouched; no temporary file left

@@ -29,8 +29,22 @@ The old keeper looked up from his logbook. He had not expected a visitor.
 
 @pytest.fixture()
 def args(tiny_model, tiny_snac, tmp_path):
-    return ["--engine", "scripted", "--model", str(tiny_model), "--codec", str(tiny_snac), "--upsampler", "resample",
-            "--cache-dir", str(tmp_path / "cache"), "--progress", "none", "--voice", "@storyteller"]
+    return [
+        "--engine",
+        "scripted",
+        "--model",
+        str(tiny_model),
+        "--codec",
+        str(tiny_snac),
+        "--upsampler",
+        "resample",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--progress",
+        "none",
+        "--voice",
+        "@storyteller",
+    ]
 
 
 @pytest.fixture()
@@ -49,20 +63,51 @@ def _png() -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     raw = b"".join(b"\x00" + b"\xff\x00\x00" * 8 for _ in range(8))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_m4b_has_chapters_metadata_cover_and_subtitles(book, args, tmp_path):
     cover = tmp_path / "cover.png"
     cover.write_bytes(_png())
     out, subs, manifest = tmp_path / "book.m4b", tmp_path / "book.srt", tmp_path / "book.json"
-    result = render(book, "-o", out, "--cover", cover, "--author", "A. Writer", "--subtitles", subs,
-                    "--manifest", manifest, *args)
+    result = render(
+        book,
+        "-o",
+        out,
+        "--cover",
+        cover,
+        "--author",
+        "A. Writer",
+        "--subtitles",
+        subs,
+        "--manifest",
+        manifest,
+        *args,
+    )
     assert result.exit_code == 0, result.output
-    probe = json.loads(subprocess.run(
-        ["ffprobe", "-v", "error", "-show_chapters", "-show_format", "-show_streams", "-of", "json", str(out)],
-        capture_output=True, text=True, check=True).stdout)
+    probe = json.loads(
+        subprocess.run(
+            [
+                "ffprobe",
+                "-v",
+                "error",
+                "-show_chapters",
+                "-show_format",
+                "-show_streams",
+                "-of",
+                "json",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     titles = [c["tags"]["title"] for c in probe["chapters"]]
     assert titles == ["Chapter 1. The Storm", "Chapter 2. The Keeper"]
     chapter_starts = [c["start"] for c in json.loads(manifest.read_text())["chapters"]]
@@ -102,20 +147,41 @@ def test_preview_renders_only_the_first_sentences(book, args, tmp_path):
 def test_a_second_run_on_the_same_output_is_refused(book, args, tmp_path):
     out = tmp_path / "locked.wav"
     with output_lock(out):
-        done = subprocess.run([sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(out), *args],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(out), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 1 and "another fastmaya run" in done.stderr
     assert not out.exists()
 
 
 def test_progress_json_lines(book, args, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(tmp_path / "j.wav"),
-                           *args, "--progress", "json"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastmaya_cli.cli",
+            "render",
+            str(book),
+            "-o",
+            str(tmp_path / "j.wav"),
+            *args,
+            "--progress",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "finish" and kinds.count("chunk") == events[0]["chunks"]
-    assert all({"audio_s", "rtf", "eta_s", "done", "total"} <= e.keys() for e in events if e["event"] == "chunk")
+    assert all(
+        {"audio_s", "rtf", "eta_s", "done", "total"} <= e.keys() for e in events if e["event"] == "chunk"
+    )
 
 
 def test_lmdeploy_out_of_memory_at_start_names_the_options(monkeypatch, tmp_path):

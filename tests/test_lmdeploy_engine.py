@@ -62,7 +62,9 @@ class FakePipeline:
         loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=loop.run_forever, daemon=True)
         self.thread.start()
-        self.internal_thread = types.SimpleNamespace(loop=loop, thread=self.thread)  # as lmdeploy's _EventLoopThread
+        self.internal_thread = types.SimpleNamespace(
+            loop=loop, thread=self.thread
+        )  # as lmdeploy's _EventLoopThread
 
     def close(self) -> None:
         self.internal_thread.loop.call_soon_threadsafe(self.internal_thread.loop.stop)
@@ -87,8 +89,10 @@ def engine(monkeypatch):
 
 
 def _requests(count: int, tokens: int = 14) -> list[Request]:
-    return [Request(i, (128259, 128000, 1000 + i), seed=i, max_new_tokens=tokens, min_new_tokens=tokens)
-            for i in range(count)]
+    return [
+        Request(i, (128259, 128000, 1000 + i), seed=i, max_new_tokens=tokens, min_new_tokens=tokens)
+        for i in range(count)
+    ]
 
 
 def _expected(request: Request) -> tuple[int, ...]:
@@ -138,7 +142,9 @@ def test_a_retry_from_the_feed_is_generated_and_the_stream_then_ends(engine):
 
 
 @pytest.mark.parametrize(("lmdeploy_size", "expected"), [(1024, 512), (256, 256)])
-def test_default_batch_is_lmdeploys_own_but_no_more_than_the_kv_cache_holds(monkeypatch, lmdeploy_size, expected):
+def test_default_batch_is_lmdeploys_own_but_no_more_than_the_kv_cache_holds(
+    monkeypatch, lmdeploy_size, expected
+):
     utils = types.ModuleType("lmdeploy.utils")
     utils.get_max_batch_size = lambda device: lmdeploy_size if device == "cuda" else 0
     monkeypatch.setitem(sys.modules, "lmdeploy", types.ModuleType("lmdeploy"))

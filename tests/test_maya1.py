@@ -19,7 +19,11 @@ def test_tokenizer_matches_llama3_vocabulary(tiny_model):
     quicktok = pytest.importorskip("quicktok")
     encode = maya1.load_encoder(tiny_model)
     reference = quicktok.get_encoding("llama3")
-    for text in ["It's 1813, Mr. Bennet said—“quoted”.", "  tabs\tand\n\nnewlines ", "你好, مرحبا, Ünïcödé 😀 <sigh>"]:
+    for text in [
+        "It's 1813, Mr. Bennet said—“quoted”.",
+        "  tabs\tand\n\nnewlines ",
+        "你好, مرحبا, Ünïcödé 😀 <sigh>",
+    ]:
         assert encode(text) == reference.encode(text)
 
 
@@ -58,7 +62,17 @@ def test_unpack_slot_layout_and_partial_frame():
 def test_chunk_seed_depends_on_book_seed_text_and_attempt():
     base = maya1.chunk_seed(0, "Hello.")
     assert base == maya1.chunk_seed(0, "Hello.")
-    assert len({base, maya1.chunk_seed(1, "Hello."), maya1.chunk_seed(0, "Hello!"), maya1.chunk_seed(0, "Hello.", 1)}) == 4
+    assert (
+        len(
+            {
+                base,
+                maya1.chunk_seed(1, "Hello."),
+                maya1.chunk_seed(0, "Hello!"),
+                maya1.chunk_seed(0, "Hello.", 1),
+            }
+        )
+        == 4
+    )
     assert 0 <= base < 2**31
 
 
@@ -75,7 +89,10 @@ def test_token_budget():
 def _codes(frames, rng, period=None):
     c = [rng.integers(0, 4096, size=frames * n) for n in (1, 2, 4)]
     if period:
-        c = [np.tile(x[: period * n], frames // period + 1)[: frames * n] for x, n in zip(c, (1, 2, 4), strict=True)]
+        c = [
+            np.tile(x[: period * n], frames // period + 1)[: frames * n]
+            for x, n in zip(c, (1, 2, 4), strict=True)
+        ]
     return maya1.unpack(maya1.pack(*c))
 
 
@@ -94,7 +111,13 @@ def test_failure_detection_rules():
     assert "repeating" in maya1.check_generation(looped, "stop", 5.0, fixed_length=True)
     brief_repeat = _codes(60, rng)
     assert maya1.longest_loop(brief_repeat) < maya1.LOOP_FRAMES
-    assert "no complete" in maya1.check_generation(maya1.unpack([maya1.END_OF_SPEECH]), "stop", 1.0, fixed_length=False)
-    assert "non-audio" in maya1.check_generation(maya1.unpack([*maya1.pack(*[np.zeros(n, int) for n in (1, 2, 4)]), 42]),
-                                                 "stop", 0.1, fixed_length=False)
+    assert "no complete" in maya1.check_generation(
+        maya1.unpack([maya1.END_OF_SPEECH]), "stop", 1.0, fixed_length=False
+    )
+    assert "non-audio" in maya1.check_generation(
+        maya1.unpack([*maya1.pack(*[np.zeros(n, int) for n in (1, 2, 4)]), 42]),
+        "stop",
+        0.1,
+        fixed_length=False,
+    )
     assert maya1.check_generation(ok, "error", 4.0, fixed_length=False, error="boom") == "engine error: boom"

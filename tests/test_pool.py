@@ -588,7 +588,9 @@ def one_core_a_cpu(monkeypatch: pytest.MonkeyPatch) -> tuple[set[int], set[int]]
     return {allowed[-1]}, set(allowed[:-1])
 
 
-def test_the_scheduler_thread_has_a_core_of_its_own_and_every_other_thread_stays_off_it(one_core_a_cpu) -> None:
+def test_the_scheduler_thread_has_a_core_of_its_own_and_every_other_thread_stays_off_it(
+    one_core_a_cpu,
+) -> None:
     kept, others = one_core_a_cpu
     everywhere = kept | others
     with EnginePool(EngineSpec(f"{__name__}:ThreadedEngine"), ["cpu"]) as pool:

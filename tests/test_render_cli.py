@@ -41,9 +41,27 @@ def book(tmp_path: Path) -> Path:
 @pytest.fixture()
 def base_args(tiny_model, tiny_snac, tmp_path):
     return [
-        "--engine", "hf", "--device", "cpu", "--model", str(tiny_model), "--codec", str(tiny_snac),
-        "--upsampler", "resample", "--fixed-length", "--max-new-tokens", "70", "--max-batch", "8",
-        "--cache-dir", str(tmp_path / "cache"), "--progress", "none", "--voice", "Calm narrator, low voice",
+        "--engine",
+        "hf",
+        "--device",
+        "cpu",
+        "--model",
+        str(tiny_model),
+        "--codec",
+        str(tiny_snac),
+        "--upsampler",
+        "resample",
+        "--fixed-length",
+        "--max-new-tokens",
+        "70",
+        "--max-batch",
+        "8",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--progress",
+        "none",
+        "--voice",
+        "Calm narrator, low voice",
     ]
 
 
@@ -61,14 +79,20 @@ def manifest_length(manifest: dict, pauses: Pauses) -> int:
 def test_render_to_each_format_has_the_exact_duration(book, base_args, tmp_path, suffix):
     out = tmp_path / f"book.{suffix}"
     manifest = tmp_path / "book.json"
-    result = run_cli([str(book), "-o", str(out), "--manifest", str(manifest), "--loudness", "off", *base_args])
+    result = run_cli(
+        [str(book), "-o", str(out), "--manifest", str(manifest), "--loudness", "off", *base_args]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(manifest.read_text())
     assert len(data["chunks"]) >= 5 and all(c["status"] == "ok" for c in data["chunks"])
     expected = manifest_length(data, Pauses())
     if suffix == "mp3":
-        probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(out)],
-                               capture_output=True, text=True, check=True)
+        probe = subprocess.run(
+            ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(out)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         # MP3 adds encoder delay and frame padding; the decoded length is within one 1152-sample frame + delay.
         assert abs(float(probe.stdout) - expected / RATE) < 0.06
     else:
@@ -83,7 +107,9 @@ def test_render_to_each_format_has_the_exact_duration(book, base_args, tmp_path,
 def test_stdin_to_stdout(base_args, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "fastmaya_cli.cli", "render", "-", "-o", "-", "--loudness", "off", *base_args],
-        input=b"Hello from a pipe. <laugh> It works.\n", capture_output=True, timeout=300,
+        input=b"Hello from a pipe. <laugh> It works.\n",
+        capture_output=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout[:4] == b"RIFF" and done.stdout[8:12] == b"WAVE"
@@ -105,14 +131,44 @@ def test_same_seed_same_audio_other_seed_other_audio(book, base_args, tmp_path):
 
 def test_second_run_does_no_engine_work_and_up_to_date_output_is_skipped(book, base_args, tmp_path):
     out = tmp_path / "book.wav"
-    first = subprocess.run([sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(out),
-                            *base_args, "--progress", "json"], capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastmaya_cli.cli",
+            "render",
+            str(book),
+            "-o",
+            str(out),
+            *base_args,
+            "--progress",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr
     events = [json.loads(line) for line in first.stderr.splitlines() if line.startswith("{")]
     assert [e for e in events if e["event"] == "chunk" and not e["cached"]]
     out.unlink()  # the output is gone, so the book is rendered again, from the cache
-    second = subprocess.run([sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(out),
-                             *base_args, "--progress", "json"], capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastmaya_cli.cli",
+            "render",
+            str(book),
+            "-o",
+            str(out),
+            *base_args,
+            "--progress",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     events = [json.loads(line) for line in second.stderr.splitlines() if line.startswith("{")]
     chunk_events = [e for e in events if e["event"] == "chunk"]
     assert chunk_events and all(e["cached"] for e in chunk_events)
@@ -126,8 +182,23 @@ def test_editing_one_sentence_rerenders_only_its_chunk(book, base_args, tmp_path
     out = tmp_path / "book.wav"
     assert run_cli([str(book), "-o", str(out), *base_args]).exit_code == 0
     book.write_text(BOOK.replace("boiled cabbage", "fresh bread"))
-    done = subprocess.run([sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(out),
-                           *base_args, "--progress", "json"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastmaya_cli.cli",
+            "render",
+            str(book),
+            "-o",
+            str(out),
+            *base_args,
+            "--progress",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     chunk_events = [json.loads(x) for x in done.stderr.splitlines() if x.startswith('{"event": "chunk"')]
     fresh = [e for e in chunk_events if not e["cached"]]
@@ -136,12 +207,39 @@ def test_editing_one_sentence_rerenders_only_its_chunk(book, base_args, tmp_path
 
 def test_failed_chunks_are_listed_and_exit_code_is_3(book, tiny_model, tiny_snac, tmp_path):
     manifest = tmp_path / "m.json"
-    env = {**os.environ, "FASTMAYA_SCRIPTED_FAULTS": json.dumps({"1": ["loop", "loop", "loop"], "2": ["short"]})}
+    env = {
+        **os.environ,
+        "FASTMAYA_SCRIPTED_FAULTS": json.dumps({"1": ["loop", "loop", "loop"], "2": ["short"]}),
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(tmp_path / "o.wav"),
-         "--engine", "scripted", "--model", str(tiny_model), "--codec", str(tiny_snac), "--upsampler", "resample",
-         "--no-cache", "--loudness", "off", "--manifest", str(manifest), "--progress", "plain"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fastmaya_cli.cli",
+            "render",
+            str(book),
+            "-o",
+            str(tmp_path / "o.wav"),
+            "--engine",
+            "scripted",
+            "--model",
+            str(tiny_model),
+            "--codec",
+            str(tiny_snac),
+            "--upsampler",
+            "resample",
+            "--no-cache",
+            "--loudness",
+            "off",
+            "--manifest",
+            str(manifest),
+            "--progress",
+            "plain",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 3, done.stderr
     chunks = json.loads(manifest.read_text())["chunks"]
@@ -153,17 +251,37 @@ def test_failed_chunks_are_listed_and_exit_code_is_3(book, tiny_model, tiny_snac
 
 def _render_cmd(book, base_args, out, cache):
     args = [a if a != base_args[base_args.index("--cache-dir") + 1] else str(cache) for a in base_args]
-    return [sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(out), *args,
-            "--max-batch", "1", "--progress", "json", "--loudness", "off"]
+    return [
+        sys.executable,
+        "-m",
+        "fastmaya_cli.cli",
+        "render",
+        str(book),
+        "-o",
+        str(out),
+        *args,
+        "--max-batch",
+        "1",
+        "--progress",
+        "json",
+        "--loudness",
+        "off",
+    ]
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(book, base_args, tmp_path, how):
     reference = tmp_path / "reference.wav"
-    assert subprocess.run(_render_cmd(book, base_args, reference, tmp_path / "c1"), capture_output=True,
-                          timeout=300).returncode == 0
+    assert (
+        subprocess.run(
+            _render_cmd(book, base_args, reference, tmp_path / "c1"), capture_output=True, timeout=300
+        ).returncode
+        == 0
+    )
     out = tmp_path / "resumed.wav"
-    proc = subprocess.Popen(_render_cmd(book, base_args, out, tmp_path / "c2"), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _render_cmd(book, base_args, out, tmp_path / "c2"), stderr=subprocess.PIPE, text=True
+    )
     done_chunks = 0
     for line in proc.stderr:
         if line.startswith('{"event": "chunk"'):
@@ -175,8 +293,9 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(book, base_arg
     proc.stderr.close()
     assert code == {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}[how]
     assert not out.exists()  # no partial output
-    rerun = subprocess.run(_render_cmd(book, base_args, out, tmp_path / "c2"), capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        _render_cmd(book, base_args, out, tmp_path / "c2"), capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr
     chunk_events = [json.loads(x) for x in rerun.stderr.splitlines() if x.startswith('{"event": "chunk"')]
     assert sum(e["cached"] for e in chunk_events) >= 2
@@ -211,8 +330,14 @@ def test_errors_are_one_line_with_a_fix_and_a_documented_code(book, base_args, t
             i = rest.index(option)
             del rest[i : i + 2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "fastmaya_cli.cli", "render", *args, *rest], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "fastmaya_cli.cli", "render", *args, *rest],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == code, done.stderr
     assert "Traceback" not in done.stderr
     assert "error:" in done.stderr and words in done.stderr
@@ -229,7 +354,10 @@ def test_help_documents_exit_codes_and_voices_lists_presets():
 
 def test_a_run_removes_the_temporary_files_a_killed_run_left_behind(book, base_args, tmp_path):
     out = tmp_path / "book.flac"
-    left = [tmp_path / f".book.flac.{n:08x}.fastmaya-tmp{suffix}" for n, suffix in ((1, ".flac"), (2, ".flac"), (3, ""))]
+    left = [
+        tmp_path / f".book.flac.{n:08x}.fastmaya-tmp{suffix}"
+        for n, suffix in ((1, ".flac"), (2, ".flac"), (3, ""))
+    ]
     for path in left:
         path.write_bytes(b"\0" * 1000)
     kept = tmp_path / ".other.flac.00000004.fastmaya-tmp.flac"

@@ -231,9 +231,7 @@ def _render_two_sentences(tmp_path, scripted_options, **options):
     return renderer, result
 
 
-def test_render_reports_how_long_decoding_ran_on_after_generation(
-    scripted_options, tmp_path, monkeypatch
-):
+def test_render_reports_how_long_decoding_ran_on_after_generation(scripted_options, tmp_path, monkeypatch):
     from fastmaya_cli import render
 
     real = render.decode_and_upsample

@@ -814,7 +814,10 @@ def _spoken_parts(book: Book) -> Iterator[str]:
 
 
 def _pieces(
-    book: Book, fits: Callable[[str], bool], packs: Callable[[str], bool], split: Callable[[str], Iterable[str]]
+    book: Book,
+    fits: Callable[[str], bool],
+    packs: Callable[[str], bool],
+    split: Callable[[str], Iterable[str]],
 ) -> Iterator[_Piece]:
     sentence_ids = itertools.count()
     paragraph_index = 0
@@ -909,7 +912,10 @@ def sentence_splitter(book: Book, workers: int) -> Callable[[str], Iterable[str]
     if workers < 2 or sum(len(p) for c in book.chapters for p in c.paragraphs) < PARALLEL_SENTENCE_CHARS:
         return None
     paragraphs = list(dict.fromkeys(p for c in book.chapters for p in c.paragraphs))
-    tasks = [paragraphs[i : i + SENTENCE_TASK_PARAGRAPHS] for i in range(0, len(paragraphs), SENTENCE_TASK_PARAGRAPHS)]
+    tasks = [
+        paragraphs[i : i + SENTENCE_TASK_PARAGRAPHS]
+        for i in range(0, len(paragraphs), SENTENCE_TASK_PARAGRAPHS)
+    ]
     # spawn: the parent may already hold CUDA and engine threads, which a fork would copy half-alive.
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

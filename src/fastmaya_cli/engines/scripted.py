@@ -63,7 +63,8 @@ class ScriptedEngine:
         if fault == "loop":
             period = 3
             codes = [
-                np.tile(c[: period * n], frames // period + 1)[: frames * n] for c, n in zip(codes, (1, 2, 4), strict=True)
+                np.tile(c[: period * n], frames // period + 1)[: frames * n]
+                for c, n in zip(codes, (1, 2, 4), strict=True)
             ]
         ids = maya1.pack(*codes)
         if fault == "bad_ids":
