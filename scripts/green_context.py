@@ -99,7 +99,6 @@ def green_stream(num_sms: int, *, priority: int = 0, device_index: int = 0) -> G
         ),
         "cuGreenCtxStreamCreate",
     )
+    # The context and its stream live as long as the process.
     external = torch.cuda.ExternalStream(stream.value, device=torch.device("cuda", device_index))
-    return GreenStream(
-        external, _sm_count(part), device_sms
-    )  # the context and stream live as long as the process
+    return GreenStream(external, _sm_count(part), device_sms)

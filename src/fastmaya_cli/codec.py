@@ -233,7 +233,6 @@ class SnacDecoder:
                 module.fused_weight = module.linear.weight[:, :, 0].detach() if self.fused else None
                 module.forward = types.MethodType(_chunk_seeded_noise, module)
                 layer += 1
-        self.half = half
         self.half_fallbacks = 0
         self._float32_model = None
         if half:
@@ -264,22 +263,32 @@ class SnacDecoder:
         row_seeds = [seed % (1 << 63) for seed in seeds] + [0] * (rows - len(codes))
         self._seeds = torch.tensor(row_seeds, dtype=torch.int64).to(self.device)
         lengths = [f * SAMPLES_PER_FRAME for f in frames]
-        audio = self._run(self.model, books, row_frames, width)[: len(codes), 0, : max(lengths)].float()
-        if self._float32_model is not None and not bool(torch.isfinite(audio).all()):
+        kept = (len(codes), max(lengths))
+        audio = self._run(self.model, books, row_frames, width, kept)
+        if self.half and not bool(torch.isfinite(audio).all()):
             self.half_fallbacks += 1
-            audio = self._run(self._float32_model, books, row_frames, width)[: len(codes), 0, : max(lengths)]
+            audio = self._run(self._float32_model, books, row_frames, width, kept)
         sample_ends = torch.tensor(lengths, device=self.device).view(-1, 1)
         audio = audio.masked_fill(torch.arange(audio.shape[-1], device=self.device) >= sample_ends, 0.0)
         return audio, lengths
 
-    def _run(self, model, books: list[torch.Tensor], row_frames: list[int], width: int) -> torch.Tensor:  # noqa: ANN001 - snac.SNAC
-        """SNAC's decoder on the padded codes, each row's latent past its frames silenced: [rows, 1, samples]."""
+    @property
+    def half(self) -> bool:
+        """Whether SNAC decodes in float16 (a float32 twin kept for the calls it cannot hold)."""
+        return self._float32_model is not None
+
+    def _run(  # noqa: ANN001 - model: snac.SNAC
+        self, model, books: list[torch.Tensor], row_frames: list[int], width: int, kept: tuple[int, int]
+    ) -> torch.Tensor:
+        """SNAC's decoder on the padded codes, each row's latent past its frames silenced: float32 audio of
+        the first ``kept`` rows and samples."""
         latent = model.quantizer.from_codes(books)
         latent_per_frame = latent.shape[-1] // width
         latent_ends = torch.tensor(row_frames, device=self.device).view(-1, 1, 1) * latent_per_frame
         latent = latent.masked_fill(torch.arange(latent.shape[-1], device=self.device) >= latent_ends, 0.0)
+        rows, samples = kept
         with tf32_matmuls(self.tf32):
-            return model.decoder(latent)
+            return model.decoder(latent)[:rows, 0, :samples].float()
 
 
 def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
