@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from fastmaya_cli.cli import app
 from fastmaya_cli.outputs import output_lock
+from test_render_cli import RENDER
 
 BOOK = """Chapter 1. The Storm
 
@@ -148,7 +149,7 @@ def test_a_second_run_on_the_same_output_is_refused(book, args, tmp_path):
     out = tmp_path / "locked.wav"
     with output_lock(out):
         done = subprocess.run(
-            [sys.executable, "-m", "fastmaya_cli.cli", "render", str(book), "-o", str(out), *args],
+            [*RENDER, str(book), "-o", str(out), *args],
             capture_output=True,
             text=True,
             timeout=120,
@@ -159,18 +160,7 @@ def test_a_second_run_on_the_same_output_is_refused(book, args, tmp_path):
 
 def test_progress_json_lines(book, args, tmp_path):
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastmaya_cli.cli",
-            "render",
-            str(book),
-            "-o",
-            str(tmp_path / "j.wav"),
-            *args,
-            "--progress",
-            "json",
-        ],
+        [*RENDER, str(book), "-o", str(tmp_path / "j.wav"), *args, "--progress", "json"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -29,6 +29,8 @@ Chapter 2
 The hallway smelt of boiled cabbage and old rag mats.
 """
 RATE = 48000
+# The command line in a process of its own, as a shell runs it.
+RENDER = [sys.executable, "-m", "fastmaya_cli.cli", "render"]
 
 
 @pytest.fixture()
@@ -106,7 +108,7 @@ def test_render_to_each_format_has_the_exact_duration(book, base_args, tmp_path,
 
 def test_stdin_to_stdout(base_args, tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "fastmaya_cli.cli", "render", "-", "-o", "-", "--loudness", "off", *base_args],
+        [*RENDER, "-", "-o", "-", "--loudness", "off", *base_args],
         input=b"Hello from a pipe. <laugh> It works.\n",
         capture_output=True,
         timeout=300,
@@ -131,44 +133,17 @@ def test_same_seed_same_audio_other_seed_other_audio(book, base_args, tmp_path):
 
 def test_second_run_does_no_engine_work_and_up_to_date_output_is_skipped(book, base_args, tmp_path):
     out = tmp_path / "book.wav"
-    first = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastmaya_cli.cli",
-            "render",
-            str(book),
-            "-o",
-            str(out),
-            *base_args,
-            "--progress",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def rendered() -> subprocess.CompletedProcess:
+        command = [*RENDER, str(book), "-o", str(out), *base_args, "--progress", "json"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    first = rendered()
     assert first.returncode == 0, first.stderr
     events = [json.loads(line) for line in first.stderr.splitlines() if line.startswith("{")]
     assert [e for e in events if e["event"] == "chunk" and not e["cached"]]
     out.unlink()  # the output is gone, so the book is rendered again, from the cache
-    second = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastmaya_cli.cli",
-            "render",
-            str(book),
-            "-o",
-            str(out),
-            *base_args,
-            "--progress",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    second = rendered()
     events = [json.loads(line) for line in second.stderr.splitlines() if line.startswith("{")]
     chunk_events = [e for e in events if e["event"] == "chunk"]
     assert chunk_events and all(e["cached"] for e in chunk_events)
@@ -183,18 +158,7 @@ def test_editing_one_sentence_rerenders_only_its_chunk(book, base_args, tmp_path
     assert run_cli([str(book), "-o", str(out), *base_args]).exit_code == 0
     book.write_text(BOOK.replace("boiled cabbage", "fresh bread"))
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastmaya_cli.cli",
-            "render",
-            str(book),
-            "-o",
-            str(out),
-            *base_args,
-            "--progress",
-            "json",
-        ],
+        [*RENDER, str(book), "-o", str(out), *base_args, "--progress", "json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -213,10 +177,7 @@ def test_failed_chunks_are_listed_and_exit_code_is_3(book, tiny_model, tiny_snac
     }
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "fastmaya_cli.cli",
-            "render",
+            *RENDER,
             str(book),
             "-o",
             str(tmp_path / "o.wav"),
@@ -252,10 +213,7 @@ def test_failed_chunks_are_listed_and_exit_code_is_3(book, tiny_model, tiny_snac
 def _render_cmd(book, base_args, out, cache):
     args = [a if a != base_args[base_args.index("--cache-dir") + 1] else str(cache) for a in base_args]
     return [
-        sys.executable,
-        "-m",
-        "fastmaya_cli.cli",
-        "render",
+        *RENDER,
         str(book),
         "-o",
         str(out),
@@ -331,7 +289,7 @@ def test_errors_are_one_line_with_a_fix_and_a_documented_code(book, base_args, t
             del rest[i : i + 2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "fastmaya_cli.cli", "render", *args, *rest],
+        [*RENDER, *args, *rest],
         cwd=tmp_path,
         capture_output=True,
         text=True,
