@@ -48,6 +48,12 @@ def tiny_snac() -> Path:
 
 
 @pytest.fixture
+def tiny_cli_args(tiny_model: Path, tiny_snac: Path) -> list[str]:
+    """The command line's options for the tiny checkpoints, upsampled by plain resampling."""
+    return ["--model", str(tiny_model), "--codec", str(tiny_snac), "--upsampler", "resample"]
+
+
+@pytest.fixture
 def scripted_options(tiny_model: Path, tiny_snac: Path):  # noqa: ANN201 - a RenderOptions factory
     """RenderOptions(**changes) for the scripted engine with the tiny checkpoints, fixed-length chunks."""
     from fastmaya_cli import render

@@ -29,16 +29,11 @@ The old keeper looked up from his logbook. He had not expected a visitor.
 
 
 @pytest.fixture()
-def args(tiny_model, tiny_snac, tmp_path):
+def args(tiny_cli_args, tmp_path):
     return [
         "--engine",
         "scripted",
-        "--model",
-        str(tiny_model),
-        "--codec",
-        str(tiny_snac),
-        "--upsampler",
-        "resample",
+        *tiny_cli_args,
         "--cache-dir",
         str(tmp_path / "cache"),
         "--progress",

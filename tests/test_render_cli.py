@@ -41,18 +41,13 @@ def book(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def base_args(tiny_model, tiny_snac, tmp_path):
+def base_args(tiny_cli_args, tmp_path):
     return [
         "--engine",
         "hf",
         "--device",
         "cpu",
-        "--model",
-        str(tiny_model),
-        "--codec",
-        str(tiny_snac),
-        "--upsampler",
-        "resample",
+        *tiny_cli_args,
         "--fixed-length",
         "--max-new-tokens",
         "70",
@@ -169,7 +164,7 @@ def test_editing_one_sentence_rerenders_only_its_chunk(book, base_args, tmp_path
     assert len(fresh) == 1 and len(chunk_events) >= 5
 
 
-def test_failed_chunks_are_listed_and_exit_code_is_3(book, tiny_model, tiny_snac, tmp_path):
+def test_failed_chunks_are_listed_and_exit_code_is_3(book, tiny_cli_args, tmp_path):
     manifest = tmp_path / "m.json"
     env = {
         **os.environ,
@@ -183,12 +178,7 @@ def test_failed_chunks_are_listed_and_exit_code_is_3(book, tiny_model, tiny_snac
             str(tmp_path / "o.wav"),
             "--engine",
             "scripted",
-            "--model",
-            str(tiny_model),
-            "--codec",
-            str(tiny_snac),
-            "--upsampler",
-            "resample",
+            *tiny_cli_args,
             "--no-cache",
             "--loudness",
             "off",
