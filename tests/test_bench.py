@@ -239,6 +239,7 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
         "gather",
         "beside",
         "half",
+        "stand-in",
     }
     for variant, change in bench.NOVEL_VARIANTS.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES

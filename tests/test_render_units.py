@@ -396,3 +396,42 @@ def test_on_the_cpu_the_decoder_is_not_warmed(monkeypatch):
     monkeypatch.setattr(renderer, "audio_device", lambda: "cpu")
     renderer.warm_decoder()
     assert "decoder_warmup" not in renderer.startup
+
+
+def test_a_stand_in_render_decodes_nothing_yet_gives_every_chunk_its_decoded_length(
+    scripted_options, tmp_path, monkeypatch
+):
+    import soundfile
+
+    from fastmaya_cli import render
+
+    cache = tmp_path / "cache"  # a render whose output is up to date with its stamp is skipped
+    _, decoded = _render_two_sentences(tmp_path, scripted_options, cache_dir=cache)
+    assert _render_two_sentences(tmp_path, scripted_options, cache_dir=cache)[1].skipped
+    decoded_audio, rate = soundfile.read(tmp_path / "book.flac", dtype="float32")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a stand-in render decoded")
+
+    monkeypatch.setattr(render, "decode_and_upsample", no_decoding)
+    _, stood_in = _render_two_sentences(tmp_path, scripted_options, cache_dir=cache, decode_stand_in=True)
+    stand_in_audio, stand_in_rate = soundfile.read(tmp_path / "book.flac", dtype="float32")
+    assert not stood_in.skipped  # the same book and output, but the decoded render's file is not its own
+    assert (stood_in.chunks, stood_in.failed) == (decoded.chunks, decoded.failed) == (2, 0)
+    assert stood_in.audio_s == pytest.approx(decoded.audio_s)
+    assert (len(stand_in_audio), stand_in_rate) == (len(decoded_audio), rate)
+    assert not np.array_equal(stand_in_audio, decoded_audio)
+    spectrum = np.abs(np.fft.rfft(stand_in_audio))
+    assert np.fft.rfftfreq(len(stand_in_audio), 1 / rate)[spectrum.argmax()] == pytest.approx(140.0, abs=1.0)
+
+
+def test_the_stand_in_is_as_long_as_the_decoded_audio_and_about_as_loud_as_speech():
+    from fastmaya_cli.render import stand_in_audio
+
+    for rate in (24000, 48000):
+        audio = stand_in_audio(65, 7, rate)
+        assert audio.dtype == np.float32 and len(audio) == 65 * maya1.SAMPLES_PER_FRAME * rate // 24000
+    rms_db = 20 * np.log10(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
+    assert -30.0 < rms_db < -12.0 and np.abs(audio).max() < 0.5
+    assert np.array_equal(stand_in_audio(65, 7, 48000), audio)
+    assert not np.array_equal(stand_in_audio(65, 8, 48000), audio)

@@ -57,6 +57,9 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     # Candidate: SNAC in float16 (codec.SnacDecoder's `half`), with a decoder of its own in the renderer's
     # process. For decoding beside the engine in float16, --codec-half makes every stage's decoder so.
     "half": {"codec_half": True},
+    # Probe: every chunk's audio made on the CPU instead of decoded (RenderOptions.decode_stand_in), so the
+    # render's generation shows what all but the decoder's GPU work costs it.
+    "stand-in": {"decode_stand_in": True},
 }
 # Options that make a different decoder: a renderer changing one of them does not share the loaded one.
 DECODER_OPTIONS = ("codec", "codec_half")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import json
 import queue
 import threading
@@ -112,6 +113,10 @@ class RenderOptions:
     # but a command-line render with it stalled on a GPU (run W1), so it is off until that is understood.
     # Where the engine has no worker process (hf, or a tensor-parallel LMDeploy), in this process anyway.
     decode_beside: bool = False
+    # A bench probe, never a render option: each chunk's audio is a stand-in of its length made on the CPU
+    # (stand_in_audio), not decoded, so a render shows what everything but the decoder's GPU work costs
+    # generation. The assembler, loudness and encoders get audio as long as SNAC's would be.
+    decode_stand_in: bool = False
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -516,6 +521,7 @@ class Renderer:
             o.upsampler_weights,
             resolved_kind(o.upsampler, o.upsampler_weights),  # the name of the upsampler that decodes
             *(["codec_half"] if o.codec_half else []),  # only when on: stamps written before it stay valid
+            *(["decode_stand_in"] if o.decode_stand_in else []),
         )
 
     def stamp_path(self, spec: OutputSpec) -> Path | None:
@@ -853,6 +859,11 @@ class DecodeWorker:
         if members:
             codes = [self.states[i].codes for i in members]
             seeds = [self.states[i].seed for i in members]
+            if self.renderer.options.decode_stand_in:
+                rate = self.assembler.spec.sample_rate
+                clips = [stand_in_audio(c.frames, s, rate) for c, s in zip(codes, seeds, strict=True)]
+                audio.update(zip(members, clips, strict=True))
+                return audio
             beside = self.renderer.beside_decoder()
             decoder = beside or self.renderer.decoder
             decoded, computed = decoder.frames_decoded, decoder.frames_computed
@@ -966,6 +977,29 @@ def decode_and_upsample(
             plan = partial(plan_calls, budget=DECODE_FRAMES_PER_CALL, bucketed=bucketed)
         clips = _decode_part(decoder, upsampler, list(codes), list(seeds), plan, pinned)
     return clips, [len(c) for c in clips]
+
+
+def stand_in_audio(frames: int, seed: int, rate: int) -> np.ndarray:
+    """What RenderOptions.decode_stand_in gives a chunk instead of its decoded audio: as many samples as SNAC
+    and the upsampler would give `frames` frames at `rate`, a voice-like signal (a 140 Hz buzz with its
+    harmonics, its loudness rising and falling four times a second, and a little noise), so that the
+    encoders and the loudness meter work as they would on speech. It repeats a second made once, from a
+    point the seed picks: making it afresh would load the CPU more than decoding does."""
+    second = _stand_in_second(rate)
+    return np.resize(
+        np.roll(second, -(seed % rate)), frames * maya1.SAMPLES_PER_FRAME * rate // maya1.SNAC_RATE
+    )
+
+
+@functools.cache
+def _stand_in_second(rate: int) -> np.ndarray:
+    t = np.arange(rate) / rate
+    buzz = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 9))
+    envelope = 0.55 + 0.45 * np.sin(2 * np.pi * 4 * t)
+    noise = np.random.default_rng(0).standard_normal(rate)
+    second = (0.08 * envelope * buzz + 0.005 * noise).astype(np.float32)
+    second.flags.writeable = False
+    return second
 
 
 def _one_call(frames: Sequence[int]) -> list[list[int]]:
