@@ -482,7 +482,8 @@ def bench(
             "(GPU): the novel rendered as before a change, an A/B with novel in one run; novel-gather (GPU): "
             "the novel with the decoder waiting up to 2 s for calls of 32 chunks; novel-beside (GPU): the "
             "novel decoded in the engine's worker process (--decode-beside); novel-half (GPU): the novel with "
-            "SNAC in float16 (a decoder of its own); and "
+            "SNAC in float16 (a decoder of its own); novel-stand-in (GPU): the novel with each chunk's audio "
+            "made on the CPU instead of decoded, a probe of what all but the decoder's GPU work costs; and "
             "novel-llm-shared-cores, novel-shared-cores (GPU): the novel with no core kept for the engine's "
             "scheduler thread."
         ),
