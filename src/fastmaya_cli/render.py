@@ -862,26 +862,29 @@ class DecodeWorker:
             if self.renderer.options.decode_stand_in:
                 rate = self.assembler.spec.sample_rate
                 clips = [stand_in_audio(c.frames, s, rate) for c, s in zip(codes, seeds, strict=True)]
-                audio.update(zip(members, clips, strict=True))
-                return audio
-            beside = self.renderer.beside_decoder()
-            decoder = beside or self.renderer.decoder
-            decoded, computed = decoder.frames_decoded, decoder.frames_computed
-            if beside is not None:
-                clips = beside.decode(codes, seeds)
             else:
-                with self.renderer.decode_stream():
-                    clips, _ = decode_and_upsample(
-                        decoder,
-                        self.renderer.upsampler,
-                        codes,
-                        seeds=seeds,
-                        **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
-                    )
-            self.frames_decoded += decoder.frames_decoded - decoded
-            self.frames_computed += decoder.frames_computed - computed
+                clips = self._decoded(codes, seeds)
             audio.update(zip(members, clips, strict=True))
         return audio
+
+    def _decoded(self, codes: list[maya1.Codes], seeds: list[int]) -> list[np.ndarray]:
+        beside = self.renderer.beside_decoder()
+        decoder = beside or self.renderer.decoder
+        decoded, computed = decoder.frames_decoded, decoder.frames_computed
+        if beside is not None:
+            clips = beside.decode(codes, seeds)
+        else:
+            with self.renderer.decode_stream():
+                clips, _ = decode_and_upsample(
+                    decoder,
+                    self.renderer.upsampler,
+                    codes,
+                    seeds=seeds,
+                    **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
+                )
+        self.frames_decoded += decoder.frames_decoded - decoded
+        self.frames_computed += decoder.frames_computed - computed
+        return clips
 
     def _assemble(self, index: int, clip: np.ndarray | None) -> None:
         rate = self.assembler.spec.sample_rate
