@@ -11,7 +11,7 @@ render's calls) kept at the pace the engine made speech in the first pass alone.
   with LMDeploy's scheduler;
 - `same-process-low`: the same, on a stream of lower priority than LMDeploy's, so the GPU starts the
   engine's waiting blocks before the decoder's;
-- `green-N`: the same, on a low-priority stream of a CUDA green context of N SMs (scripts/green_context.py): the
+- `green-N`: the same, on a low-priority stream of a CUDA green context of N SMs (fastmaya_cli/green.py): the
   decoder's blocks stay on those N, the engine's run on all of them.
 
 LMDeploy's streams are made high-priority for the whole run (torch.cuda.Stream is patched before the
@@ -40,13 +40,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from green_context import green_stream  # scripts/, beside this file
 
 from fastmaya_cli import maya1
 from fastmaya_cli.bench import BENCH_VOICE, NOVEL, _renderer, _run_llm
 from fastmaya_cli.beside import DECODER_PRIORITY, ENGINE_PRIORITY, make_new_streams_high_priority
 from fastmaya_cli.checkpoints import random_maya1, random_snac
 from fastmaya_cli.codec import SnacDecoder, random_codes
+from fastmaya_cli.green import green_stream
 from fastmaya_cli.render import decode_and_upsample
 from fastmaya_cli.upsample import load_upsampler
 

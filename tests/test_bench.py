@@ -238,6 +238,10 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
         "join-after",
         "gather",
         "beside",
+        "beside-sms16",
+        "beside-sms24",
+        "beside-sms32",
+        "beside-sms48",
         "half",
         "stand-in",
     }

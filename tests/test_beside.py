@@ -223,3 +223,66 @@ def test_the_decoder_service_decodes_in_float16_when_the_spec_says_so(tiny_snac)
         assert same == half
     ours.close()
     service._thread.join(5)
+
+
+def test_decode_streams_make_each_green_stream_once_and_hand_memory_back_on_each_move():
+    made: list[int] = []
+    released: list[int | None] = []
+    streams = beside.DecodeStreams("plain", lambda sms: made.append(sms) or f"green-{sms}", lambda: None)
+    streams._release = lambda: released.append(streams._current)
+    asked = [None, None, 16, 16, 32, 16, None]
+    assert [streams.stream(sms) for sms in asked] == [
+        "plain", "plain", "green-16", "green-16", "green-32", "green-16", "plain"
+    ]  # fmt: skip
+    assert made == [16, 32]  # a green context is made once for each size
+    assert released == [None, 16, 32, 16]  # before each move, what the last stream cached goes back
+
+
+def test_a_decode_call_asks_the_worker_for_the_sms_the_render_keeps_for_the_decoder():
+    ours, theirs = multiprocessing.Pipe()
+    remote = beside.RemoteDecoder(ours, "cuda:0")
+    received = []
+
+    def worker() -> None:
+        received.append(theirs.recv())
+        theirs.send(("error", "only listening"))
+
+    for sms in (24, None):
+        threading.Thread(target=worker).start()
+        with pytest.raises(RuntimeFailure, match="only listening"):
+            remote.decode([random_codes(2, np.random.default_rng(0))], [0], sms=sms)
+    assert [message[3] for message in received] == [24, None]
+
+
+def test_the_renderer_hands_its_decode_sms_to_the_decoder_beside_the_engine(
+    scripted_options, tmp_path, monkeypatch
+):
+    asked: list[int | None] = []
+
+    class Beside:
+        frames_decoded = frames_computed = 0
+
+        def decode(self, codes, seeds, sms=None):  # noqa: ANN001, ANN202
+            asked.append(sms)
+            return [np.zeros(c.frames * 4096, dtype=np.float32) for c in codes]  # 48 kHz
+
+    stub = Beside()
+    monkeypatch.setattr(render.Renderer, "beside_decoder", lambda self: stub)
+    options = scripted_options(max_chunk_seconds=1.0, decode_beside=True, decode_sms=24)
+    for generating, expected in ((True, 24), (False, None)):  # once the engine is done: every SM
+        monkeypatch.setattr(render.DecodeQueue, "generating", property(lambda self, g=generating: g))
+        asked.clear()
+        renderer = render.Renderer(options, Progress("none"), engine=ScriptedEngine())
+        audio, rate = _render(renderer, tmp_path, f"beside-{generating}")
+        assert rate == 48_000 and len(audio) > 0
+        assert asked and set(asked) == {expected}
+        assert renderer._decoder is None  # nothing decoded in the renderer's process
+
+
+def test_the_decode_queue_knows_while_chunks_are_still_to_come():
+    queue = render.DecodeQueue([1.0, 2.0, 1.5], ahead_s=60.0)
+    states = []
+    for index in (1, 0, 2):
+        states.append(queue.generating)
+        queue.resolve(index)
+    assert states == [True, True, True] and not queue.generating

@@ -54,6 +54,8 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     # runs V1, V2, not the default since run W1). With this stage the bench's engine worker loads that
     # decoder too, so every stage has a little less KV cache.
     "beside": {"decode_beside": True},
+    # Candidate: the same, with the decoder's kernels kept on N of the GPU's SMs (RenderOptions.decode_sms).
+    **{f"beside-sms{n}": {"decode_beside": True, "decode_sms": n} for n in (16, 24, 32, 48)},
     # Candidate: SNAC in float16 (codec.SnacDecoder's `half`), with a decoder of its own in the renderer's
     # process. For decoding beside the engine in float16, --codec-half makes every stage's decoder so.
     "half": {"codec_half": True},
@@ -795,7 +797,8 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
             gpus=opts.gpus,
         )
         renderer = _renderer(
-            {**base, "engine": engine_kwargs}, decoder_in_worker="novel-beside" in opts.stages
+            {**base, "engine": engine_kwargs},
+            decoder_in_worker=any(s.startswith("novel-beside") for s in opts.stages),
         )
         t = time.perf_counter()
         renderer.warm_up()

@@ -82,6 +82,32 @@ def make_new_streams_high_priority() -> Callable[..., Any]:
     return original
 
 
+class DecodeStreams:
+    """The worker decoder's CUDA streams: the low-priority stream it loads and warms on, and for calls that
+    ask for N SMs (RenderOptions.decode_sms) a low-priority stream of a green context of N SMs (green.py),
+    made on first use. Moving to another stream first hands the cached memory back to the driver: the
+    caching allocator keeps a pool for each stream, and a second decoder's pool beside the engine's KV cache
+    might not fit."""
+
+    def __init__(self, plain: Any, make_green: Callable[[int], Any], release: Callable[[], None]) -> None:
+        self._plain = plain
+        self._make_green = make_green
+        self._release = release
+        self._green: dict[int, Any] = {}
+        self._current: int | None = None
+
+    def stream(self, sms: int | None) -> Any:
+        """The stream for a call on `sms` SMs (None: all of them)."""
+        if sms != self._current:
+            self._release()
+            self._current = sms
+        if sms is None:
+            return self._plain
+        if sms not in self._green:
+            self._green[sms] = self._make_green(sms)
+        return self._green[sms]
+
+
 # Shared audio files grow in steps of this many bytes (a call of 16 chunks of 18 s is 55 MB).
 SHARED_AUDIO_STEP = 64 << 20
 
@@ -172,7 +198,7 @@ class DecoderService:
         finally:
             audio.close()
 
-    def _load(self) -> Callable[[list[maya1.Codes], list[int]], DecodedCall]:
+    def _load(self) -> Callable[[list[maya1.Codes], list[int], int | None], DecodedCall]:
         import torch
 
         from .codec import SnacDecoder
@@ -193,9 +219,21 @@ class DecoderService:
         self.startup["upsampler"] = time.perf_counter() - started
         self.output_rate = upsampler.output_rate
 
-        def decode(codes: list[maya1.Codes], seeds: list[int]) -> DecodedCall:
+        streams = None
+        if stream is not None:
+            from .green import green_stream
+
+            index = torch.device(self.device).index or 0
+            streams = DecodeStreams(
+                stream,
+                lambda sms: green_stream(sms, priority=DECODER_PRIORITY, device_index=index).stream,
+                torch.cuda.empty_cache,
+            )
+
+        def decode(codes: list[maya1.Codes], seeds: list[int], sms: int | None = None) -> DecodedCall:
             decoded, computed = decoder.frames_decoded, decoder.frames_computed
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            chosen = streams.stream(sms) if streams is not None else None  # a CPU has no SMs to keep apart
+            with torch.cuda.stream(chosen) if chosen is not None else contextlib.nullcontext():
                 clips, _ = decode_and_upsample(decoder, upsampler, codes, seeds=seeds)
             return DecodedCall(clips, decoder.frames_decoded - decoded, decoder.frames_computed - computed)
 
@@ -207,7 +245,7 @@ class DecoderService:
         return decode
 
     def _serve(
-        self, decode: Callable[[list[maya1.Codes], list[int]], DecodedCall], audio: SharedAudio
+        self, decode: Callable[[list[maya1.Codes], list[int], int | None], DecodedCall], audio: SharedAudio
     ) -> None:
         while True:
             message = self.conn.recv()
@@ -215,7 +253,7 @@ class DecoderService:
                 self.conn.send(("info", self.output_rate, self.startup))
                 continue
             try:
-                call = decode(message[1], message[2])
+                call = decode(message[1], message[2], message[3])
             except Exception as exc:  # the renderer stops the render with it; the worker lives on
                 traceback.print_exc()
                 self.conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -256,10 +294,13 @@ class RemoteDecoder:
         """Seconds the worker spent loading and warming the decoder, by step (inside the engine's start)."""
         return dict(self._ask()[1])
 
-    def decode(self, codes: Sequence[maya1.Codes], seeds: Sequence[int]) -> list[np.ndarray]:
-        """Each chunk's audio at the output rate, as decode_and_upsample returns it."""
+    def decode(
+        self, codes: Sequence[maya1.Codes], seeds: Sequence[int], sms: int | None = None
+    ) -> list[np.ndarray]:
+        """Each chunk's audio at the output rate, as decode_and_upsample returns it; with `sms`, decoded on
+        that many of the GPU's SMs (DecodeStreams)."""
         with self._lock:
-            self._request(("decode", list(codes), list(seeds)))
+            self._request(("decode", list(codes), list(seeds), sms))
             _, path, lengths, decoded, computed = self._reply("audio")
             view = np.frombuffer(self._mapped(path), dtype=np.float32)
             ends = np.cumsum([0, *lengths])

@@ -113,6 +113,11 @@ class RenderOptions:
     # but a command-line render with it stalled on a GPU (run W1), so it is off until that is understood.
     # Where the engine has no worker process (hf, or a tensor-parallel LMDeploy), in this process anyway.
     decode_beside: bool = False
+    # A candidate the bench measures (novel-beside-smsN), not yet a render option: decoding beside the
+    # engine, keep the decoder's kernels on this many of the GPU's SMs (a CUDA green context, green.py), so
+    # that the engine's kernels always find the others free; on all of them once the engine is done. None:
+    # on all of them. Only beside the engine.
+    decode_sms: int | None = None
     # A bench probe, never a render option: each chunk's audio is a stand-in of its length made on the CPU
     # (stand_in_audio), not decoded, so a render shows what everything but the decoder's GPU work costs
     # generation. The assembler, loudness and encoders get audio as long as SNAC's would be.
@@ -742,7 +747,7 @@ class DecodeQueue:
                 takeable, bounded = self._takeable(most)
                 wait_s = 0.5
                 if takeable:
-                    generating = len(self.resolved_at) < len(self._taken)  # each chunk resolves once
+                    generating = self.generating
                     waited_s = time.monotonic() - min(self._ready_since[i] for i in takeable)
                     full = len(takeable) >= min(most, self._gather)
                     if full or bounded or not generating or waited_s >= self._patience_s:
@@ -750,6 +755,11 @@ class DecodeQueue:
                     wait_s = min(wait_s, self._patience_s - waited_s)
                 self._cond.wait(timeout=wait_s)
             return None
+
+    @property
+    def generating(self) -> bool:
+        """Whether chunks are still to be resolved (generated, failed or found cached)."""
+        return len(self.resolved_at) < len(self._taken)  # each chunk resolves once
 
     def _takeable(self, most: int) -> tuple[list[int], bool]:
         """The chunks a take would hand out now, and whether the bound on audio held stopped it short."""
@@ -872,7 +882,9 @@ class DecodeWorker:
         decoder = beside or self.renderer.decoder
         decoded, computed = decoder.frames_decoded, decoder.frames_computed
         if beside is not None:
-            clips = beside.decode(codes, seeds)
+            # Once the engine is done, the decoder has the whole GPU to itself for what is left.
+            sms = self.renderer.options.decode_sms if self.tracker.generating else None
+            clips = beside.decode(codes, seeds, sms=sms)
         else:
             with self.renderer.decode_stream():
                 clips, _ = decode_and_upsample(

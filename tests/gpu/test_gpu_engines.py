@@ -250,3 +250,48 @@ def test_decoding_on_cuda_gives_each_chunk_the_same_audio_however_the_calls_are_
     for clip, reference in zip(planned, alone, strict=True):
         peak = float(np.abs(reference).max())
         assert peak > 1e-3 and float(np.abs(clip - reference).max()) < 1e-3 * peak
+
+
+def test_a_green_context_stream_keeps_to_its_sms_and_computes_what_the_default_stream_does():
+    import torch
+
+    from fastmaya_cli.green import green_stream
+
+    made = green_stream(16, priority=0)
+    assert 16 <= made.sms < made.device_sms == torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(4096, 4096, device="cuda")
+    expected = x @ x
+    with torch.cuda.stream(made.stream):
+        got = x @ x
+    made.stream.synchronize()
+    assert torch.equal(got, expected)
+
+
+def test_the_decoder_beside_the_engine_decodes_the_same_audio_on_a_few_sms_as_on_all():
+    """What the bench's novel-beside-smsN asks of the engine's worker, in this process: the same decoder on
+    a green context of 16 SMs, then on all of them again (each move hands the cached memory back)."""
+    import multiprocessing
+
+    import numpy as np
+
+    from fastmaya_cli import beside
+    from fastmaya_cli.checkpoints import random_snac
+    from fastmaya_cli.maya1 import Codes
+
+    spec = beside.DecoderSpec(
+        str(random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False)), "resample", None, 16, 2048
+    )
+    ours, theirs = multiprocessing.Pipe()
+    beside.DecoderService(spec, "cuda:0", theirs)
+    remote = beside.RemoteDecoder(ours, "cuda:0")
+    rng = np.random.default_rng(4)
+    frames = [150, 40, 90]
+    chunks = [Codes(*(rng.integers(0, 4096, f * n) for n in (1, 2, 4))) for f in frames]
+    everywhere = remote.decode(chunks, [1, 2, 3])
+    on_16 = remote.decode(chunks, [1, 2, 3], sms=16)
+    again = remote.decode(chunks, [1, 2, 3])
+    for a, b, c in zip(everywhere, on_16, again, strict=True):
+        peak = float(np.abs(a).max())
+        assert peak > 1e-3 and len(a) == len(b) == len(c)
+        assert float(np.abs(b - a).max()) < 1e-4 * peak and float(np.abs(c - a).max()) < 1e-4 * peak
+    ours.close()

@@ -3,7 +3,8 @@
 Decoding beside the engine, SNAC's and the upsampler's kernels fill every SM the engine's blocks are not
 on, and a decode step of the engine that starts meanwhile waits for the decoder's blocks to finish before
 it has the whole GPU again. A stream of a green context holding N SMs keeps the decoder's blocks on those
-N: the engine's kernels still run on every SM, and find the others free of decoder blocks.
+N: the engine's kernels still run on every SM, and find the others free of decoder blocks
+(`RenderOptions.decode_sms`, the bench's `novel-beside-smsN`; `scripts/probe_beside.py`'s `green-N`).
 
 The driver's API is called through ctypes (libcuda), as PyTorch's own GreenContext wraps it differently in
 each release and cannot set a stream's priority. Needs a CUDA 12.4 driver or newer.
