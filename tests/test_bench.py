@@ -251,6 +251,14 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
         assert all(getattr(changed, key) == value != getattr(options, key) for key, value in change.items())
 
 
+def test_the_engines_worker_loads_a_decoder_only_for_a_stage_that_decodes_beside_it():
+    assert bench.decodes_beside_in_some_stage(["novel-llm", "novel-beside", "novel"])
+    assert bench.decodes_beside_in_some_stage(["novel-beside-sms32"])
+    assert not bench.decodes_beside_in_some_stage(
+        ["novel-llm", "novel", "novel-half", "novel-stand-in", "llm"]
+    )
+
+
 def test_the_gain_trail_shows_what_each_early_part_asked_for_against_the_books_gain():
     import math
     from pathlib import Path

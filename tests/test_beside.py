@@ -228,8 +228,9 @@ def test_the_decoder_service_decodes_in_float16_when_the_spec_says_so(tiny_snac)
 def test_decode_streams_make_each_green_stream_once_and_hand_memory_back_on_each_move():
     made: list[int] = []
     released: list[int | None] = []
-    streams = beside.DecodeStreams("plain", lambda sms: made.append(sms) or f"green-{sms}", lambda: None)
-    streams._release = lambda: released.append(streams._current)
+    streams = beside.DecodeStreams(
+        "plain", lambda sms: made.append(sms) or f"green-{sms}", lambda: released.append(streams._current)
+    )
     asked = [None, None, 16, 16, 32, 16, None]
     assert [streams.stream(sms) for sms in asked] == [
         "plain", "plain", "green-16", "green-16", "green-32", "green-16", "plain"

@@ -63,6 +63,7 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     # render's generation shows what all but the decoder's GPU work costs it.
     "stand-in": {"decode_stand_in": True},
 }
+
 # Options that make a different decoder: a renderer changing one of them does not share the loaded one.
 DECODER_OPTIONS = ("codec", "codec_half")
 # The novel's LLM-only pass or render with every thread free to run on any CPU, as before the engine's
@@ -161,6 +162,11 @@ class MemoryPeak:
     @property
     def gib(self) -> float:
         return round(self.peak / 2**30, 2)
+
+
+def decodes_beside_in_some_stage(stages: Sequence[str]) -> bool:
+    """Whether a novel variant among `stages` decodes beside the engine, so its worker must load a decoder."""
+    return any(NOVEL_VARIANTS.get(stage.removeprefix("novel-"), {}).get("decode_beside") for stage in stages)
 
 
 def novel_runs(stages: Sequence[str]) -> list[str]:
@@ -798,7 +804,7 @@ def _run_gpu_stages(opts: BenchOptions) -> dict:
         )
         renderer = _renderer(
             {**base, "engine": engine_kwargs},
-            decoder_in_worker=any(s.startswith("novel-beside") for s in opts.stages),
+            decoder_in_worker=decodes_beside_in_some_stage(opts.stages),
         )
         t = time.perf_counter()
         renderer.warm_up()
