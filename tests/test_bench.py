@@ -437,3 +437,71 @@ def test_a_variant_with_another_decoder_loads_its_own_and_the_others_share_the_l
     assert half.upsampler is renderer.upsampler and half.decode_thread is renderer.decode_thread
     assert half._beside_spec().codec_half and not renderer._beside_spec().codec_half
     renderer.close()
+
+
+def test_each_novel_pass_is_named_as_its_row_will_be():
+    names = [bench.novel_stage_name(run) for run in ("llm", "llm-shared-cores", "novel", "shared-cores")]
+    assert names == ["llm-novel", "llm-novel-shared-cores", "render-novel", "render-novel-shared-cores"]
+    assert bench.novel_stage_name("beside-sms32") == "render-novel-beside-sms32"
+
+
+def _failing_gpu_stages(error: BaseException):  # noqa: ANN202
+    """A GPU bench that measures the novel's LLM-only pass, then fails in the render after it."""
+
+    def run(opts, report):  # noqa: ANN001, ANN202
+        report.update(device="Fake GPU", gpus=1)
+        report["startup"]["engine_total_s"] = 60.0
+        report["running"] = bench.novel_stage_name("llm")
+        row = StageResult("llm-novel", "lmdeploy", 1000, 908_201, 11_071.4, 56.33, 69.22).row()
+        report["stages"].append(row)
+        report["running"] = bench.novel_stage_name("beside-sms32")
+        raise error
+
+    return run
+
+
+def test_a_stage_that_fails_keeps_the_stages_measured_before_it(tmp_path, monkeypatch):
+    """Run Z6: a render failing after a measured LLM-only pass of the novel left no JSON at all."""
+    from fastmaya_cli.errors import RuntimeFailure
+
+    failure = RuntimeFailure(
+        "Decoding beside the engine on cuda:0 failed: CUBLAS.", "Render again without it."
+    )
+    monkeypatch.setattr(bench, "_run_gpu_stages", _failing_gpu_stages(failure))
+    report_path = tmp_path / "bench.json"
+    args = ["bench", "--stages", "novel-llm,novel-beside-sms32", "--json", str(report_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == failure.exit_code == 1
+    assert "Decoding beside the engine on cuda:0 failed" in result.output and "Traceback" not in result.output
+    report = json.loads(report_path.read_text())
+    assert [row["stage"] for row in report["stages"]] == ["llm-novel"]
+    assert report["stages"][0]["audio_s_per_s"] == pytest.approx(196.6, abs=0.1)
+    assert report["startup"] == {"engine_total_s": 60.0} and report["device"] == "Fake GPU"
+    assert report["failed"]["stage"] == "render-novel-beside-sms32"
+    assert report["failed"]["error"].startswith("RuntimeFailure: Decoding beside the engine")
+    assert "running" not in report
+    assert "16123" in result.output  # tokens/s: the table of what was measured is printed too
+
+
+def test_an_interrupted_bench_writes_what_it_measured_and_exits_as_interrupted(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_run_gpu_stages", _failing_gpu_stages(KeyboardInterrupt()))
+    report_path = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--stages", "novel-llm,novel", "--json", str(report_path)])
+    assert result.exit_code == 130
+    report = json.loads(report_path.read_text())
+    assert report["failed"] == {"stage": "render-novel-beside-sms32", "error": "interrupted"}
+    assert len(report["stages"]) == 1
+
+
+def test_a_bench_that_finishes_names_no_failure_and_no_stage_in_progress(tmp_path, monkeypatch):
+    def run(opts, report):  # noqa: ANN001, ANN202
+        report.update(device="Fake GPU", gpus=1)
+        report["running"] = "llm-novel"
+        report["stages"].append(StageResult("llm-novel", "lmdeploy", 10, 8_000, 97.5, 1.0, 1.0).row())
+
+    monkeypatch.setattr(bench, "_run_gpu_stages", run)
+    report_path = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--stages", "novel-llm", "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert "failed" not in report and "running" not in report and len(report["stages"]) == 1
