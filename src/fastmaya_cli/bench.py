@@ -179,7 +179,8 @@ def novel_runs(stages: Sequence[str]) -> list[str]:
 
 
 def novel_stage_name(run: str) -> str:
-    """The report's stage name of a novel_runs entry (one early-encoder count of the plain render)."""
+    """The report's stage name of a novel_runs entry (the plain render's, when --novel-early-encoders
+    renders it once for each count, is render-novel-early-encoders-N instead)."""
     if run.startswith("llm"):
         return f"llm-novel{run.removeprefix('llm')}"
     return "render-novel" if run == "novel" else f"render-novel-{run}"
@@ -798,17 +799,12 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
             "model": "random Maya1-shaped (3.3B, bf16)" if fixed else model,
             "speaking_rate_wps": 2.5,
             "fixed_length": fixed,
-            "stages": [],
-            "startup": startup,
             "render_output": {"format": opts.render_format, "loudness": opts.render_loudness},
             "warm_decoder": opts.warm_decoder,
             "codec_half": opts.codec_half,
         }
     )
     stages: list[StageResult] = []
-
-    def running(stage: str) -> None:
-        report[RUNNING] = stage
 
     def emit(result: StageResult) -> None:
         stages.append(result)
@@ -818,7 +814,7 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
         print(json.dumps(result.row()), flush=True)
 
     if "hf" in opts.stages:
-        running("llm-travel (hf)")
+        report[RUNNING] = "llm-travel (hf)"
         t = time.perf_counter()
         hf = _renderer(
             {**base, "engine": dict(kind="hf", model=model, device="cuda", max_batch=opts.hf_batch)}
@@ -841,7 +837,7 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
             kv_cache=opts.kv_cache,
             gpus=opts.gpus,
         )
-        running("start-up")
+        report[RUNNING] = "start-up"
         renderer = _renderer(
             {**base, "engine": engine_kwargs},
             decoder_in_worker=decodes_beside_in_some_stage(opts.stages),
@@ -857,7 +853,7 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
         )
         _, travel_chunks = renderer.plan(travel)
         if "llm" in opts.stages:
-            running("llm-travel-first-pass")
+            report[RUNNING] = "llm-travel-first-pass"
             # The first pass after start also compiles LMDeploy's Triton kernels for this workload's
             # shapes; Triton keeps them on disk, so only a machine's first run ever pays that.
             emit(_run_llm(renderer, travel_chunks, "llm-travel-first-pass", name))
@@ -868,10 +864,10 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
         render_passes: list[StageResult] = []
         for _ in range(opts.repeat):
             if "llm" in opts.stages:
-                running("llm-travel")
+                report[RUNNING] = "llm-travel"
                 llm_passes.append(_run_llm(renderer, travel_chunks, "llm-travel", name))
             if "render" in opts.stages:
-                running("render-travel")
+                report[RUNNING] = "render-travel"
                 travel_out = opts.out_dir / f"travel.{opts.render_format}"
                 render_passes.append(
                     _run_render(renderer, travel, travel_out, "render-travel", name, opts.render_loudness)
@@ -887,18 +883,15 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
         # names them, so an A/B can take turns (novel-llm,novel,novel-VARIANT,novel,novel-llm) and show
         # what the order alone does.
         for variant in novel_runs(opts.stages):
-            running(novel_stage_name(variant))
-            shared = variant.endswith(SHARED_CORES)
-            suffix = f"-{SHARED_CORES}" if shared else ""
+            stage = report[RUNNING] = novel_stage_name(variant)
             results: list[StageResult] = []
-            with scheduler_cores(renderer.engine, keep=not shared) as placed:
+            with scheduler_cores(renderer.engine, keep=not variant.endswith(SHARED_CORES)) as placed:
                 if variant.startswith("llm"):
                     # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
-                    results.append(_run_llm(novel_renderer, novel_chunks, f"llm-novel{suffix}", name))
+                    results.append(_run_llm(novel_renderer, novel_chunks, stage, name))
                 elif variant in NOVEL_VARIANTS:
                     before = _sharing(novel_renderer, **NOVEL_VARIANTS[variant])
                     before.load_decoder()  # one of its own (novel-half) loads and warms here, untimed
-                    stage = f"render-novel-{variant}"
                     results.append(_run_render(before, novel, novel_out, stage, name, opts.render_loudness))
                 else:
                     for count in opts.novel_early_encoders or (None,):
@@ -907,11 +900,8 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
                             if count is None
                             else _sharing(novel_renderer, early_encoders=count)
                         )
-                        stage = (
-                            f"render-novel{suffix}"
-                            if count is None
-                            else f"render-novel-early-encoders-{count}"
-                        )
+                        if count is not None:
+                            stage = report[RUNNING] = f"render-novel-early-encoders-{count}"
                         results.append(
                             _run_render(changed, novel, novel_out, stage, name, opts.render_loudness)
                         )
@@ -923,22 +913,22 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
             if callable(pool_stats):
                 report["per_gpu"] = pool_stats()
         if "decode-mix" in opts.stages:
-            running("decode-mix")
+            report[RUNNING] = "decode-mix"
             for result in run_decode_mix(renderer, novel_chunks[:DECODE_MIX_CHUNKS], opts.repeat):
                 emit(result)
         if "contention" in opts.stages:
-            running("contention")
+            report[RUNNING] = "contention"
             for result in run_contention(renderer, travel_chunks, name, opts.repeat):
                 emit(result)
         if "bs1" in opts.stages:
-            running("first-audio-bs1")
+            report[RUNNING] = "first-audio-bs1"
             one = opts.out_dir / "one.txt"
             one.write_text("The lighthouse keeper climbed the stairs one last time.\n")
             emit(_run_render(renderer, one, opts.out_dir / "one.wav", "first-audio-bs1", name))
         renderer.close()
 
     if "upsampler" in opts.stages and Path(weights).exists():
-        running("upsampler")
+        report[RUNNING] = "upsampler"
         # None: the dtype the renderer uses (fp16 on CUDA); bf16 for comparison.
         for dtype in (None, torch.bfloat16):
             row = benchmark_upsampler("cuda", dtype, batch=64, seconds=10.0, compile=True, weights=weights)
@@ -946,7 +936,7 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
             print(json.dumps({"stage": "upsampler", **row}), flush=True)
 
     if "codec" in opts.stages:
-        running("codec")
+        report[RUNNING] = "codec"
         # SNAC alone, the CUDA path the renderer uses (fused) against SNAC's own modules (plain).
         for fused in (False, True):
             row = benchmark_codec(codec, "cuda", fused=fused)
