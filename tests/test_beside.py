@@ -228,8 +228,12 @@ def test_the_decoder_service_decodes_in_float16_when_the_spec_says_so(tiny_snac)
 def test_decode_streams_make_each_green_stream_once_and_hand_memory_back_on_each_move():
     made: list[int] = []
     released: list[int | None] = []
+    blas_targets: list[int] = []
     streams = beside.DecodeStreams(
-        "plain", lambda sms: made.append(sms) or f"green-{sms}", lambda: released.append(streams._current)
+        "plain",
+        lambda sms: made.append(sms) or f"green-{sms}",
+        lambda: released.append(streams._current),
+        blas_targets.append,
     )
     asked = [None, None, 16, 16, 32, 16, None]
     assert [streams.stream(sms) for sms in asked] == [
@@ -237,6 +241,7 @@ def test_decode_streams_make_each_green_stream_once_and_hand_memory_back_on_each
     ]  # fmt: skip
     assert made == [16, 32]  # a green context is made once for each size
     assert released == [None, 16, 32, 16]  # before each move, what the last stream cached goes back
+    assert blas_targets == [16, 32, 16, 0]  # cuBLAS sizes its kernels for the SMs of each move (0: all)
 
 
 def test_a_decode_call_asks_the_worker_for_the_sms_the_render_keeps_for_the_decoder():

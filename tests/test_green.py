@@ -39,3 +39,17 @@ def test_a_failing_driver_call_names_the_call_and_its_error():
     green._check(0, "cuDeviceGet")
     with pytest.raises(green.GreenContextError, match="cuGreenCtxCreate failed with CUDA driver error 801"):
         green._check(801, "cuGreenCtxCreate")
+
+
+def test_cublas_is_the_copy_the_process_has_mapped_and_never_its_lt_sibling(tmp_path, monkeypatch):
+    opened: list[str] = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda path: opened.append(path) or path)
+    lt = "7f00-7f10 r-xp 00000000 08:01 11 /site/nvidia/cu13/lib/libcublasLt.so.13"
+    blas = "7f10-7f20 r-xp 00000000 08:01 12 /site/nvidia/cu13/lib/libcublas.so.13"
+    maps = tmp_path / "maps"
+    maps.write_text(f"{lt}\n7f20-7f30 rw-p 00000000 00:00 0 \n{blas}\n")
+    assert green._cublas(str(maps)) == "/site/nvidia/cu13/lib/libcublas.so.13"
+    maps.write_text(f"{lt}\n")
+    with pytest.raises(green.GreenContextError, match="PyTorch has not loaded cuBLAS"):
+        green._cublas(str(maps))
+    assert opened == ["/site/nvidia/cu13/lib/libcublas.so.13"]

@@ -87,12 +87,20 @@ class DecodeStreams:
     ask for N SMs (RenderOptions.decode_sms) a low-priority stream of a green context of N SMs (green.py),
     made on first use. Moving to another stream first hands the cached memory back to the driver: the
     caching allocator keeps a pool for each stream, and a second decoder's pool beside the engine's KV cache
-    might not fit."""
+    might not fit. Each move also tells cuBLAS how many SMs its kernels will have (`limit_blas`, 0 for all:
+    green.limit_blas_to_sms); it must be called on the thread that decodes."""
 
-    def __init__(self, plain: Any, make_green: Callable[[int], Any], release: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        plain: Any,
+        make_green: Callable[[int], Any],
+        release: Callable[[], None],
+        limit_blas: Callable[[int], None],
+    ) -> None:
         self._plain = plain
         self._make_green = make_green
         self._release = release
+        self._limit_blas = limit_blas
         self._green: dict[int, Any] = {}
         self._current: int | None = None
 
@@ -100,6 +108,7 @@ class DecodeStreams:
         """The stream for a call on `sms` SMs (None: all of them)."""
         if sms != self._current:
             self._release()
+            self._limit_blas(sms or 0)
             self._current = sms
         if sms is None:
             return self._plain
@@ -221,13 +230,14 @@ class DecoderService:
 
         streams = None
         if stream is not None:
-            from .green import green_stream
+            from .green import green_stream, limit_blas_to_sms
 
             index = torch.device(self.device).index or 0
             streams = DecodeStreams(
                 stream,
                 lambda sms: green_stream(sms, priority=DECODER_PRIORITY, device_index=index).stream,
                 torch.cuda.empty_cache,
+                lambda sms: limit_blas_to_sms(sms, index),
             )
 
         def decode(codes: list[maya1.Codes], seeds: list[int], sms: int | None = None) -> DecodedCall:

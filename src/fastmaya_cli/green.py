@@ -103,3 +103,29 @@ def green_stream(num_sms: int, *, priority: int = 0, device_index: int = 0) -> G
     # The context and its stream live as long as the process.
     external = torch.cuda.ExternalStream(stream.value, device=torch.device("cuda", device_index))
     return GreenStream(external, _sm_count(part), device_sms)
+
+
+def _cublas(maps: str = "/proc/self/maps") -> ctypes.CDLL:
+    """The cuBLAS library PyTorch has loaded (not a second copy of it: the handle must be its own)."""
+    with open(maps) as lines:
+        for line in lines:
+            path = line.rsplit(None, 1)[-1]
+            if "/libcublas.so" in path:
+                return ctypes.CDLL(path)
+    raise GreenContextError("PyTorch has not loaded cuBLAS in this process")
+
+
+def limit_blas_to_sms(sms: int, device_index: int = 0) -> None:
+    """Size cuBLAS's kernels on this thread, for the device, for `sms` SMs (0: all of them again).
+
+    cuBLAS sizes some GEMM kernels for the whole device. Launched on a green context's stream of fewer
+    SMs, such a kernel failed in a render (CUBLAS_STATUS_EXECUTION_FAILED, BENCHMARKS.md run Z6). PyTorch
+    keeps one cuBLAS handle for each thread and device, so the limit stays with the thread that sets it.
+    """
+    import torch
+
+    with torch.cuda.device(device_index):
+        handle = torch.cuda.current_blas_handle()
+    status = _cublas().cublasSetSmCountTarget(ctypes.c_void_p(handle), ctypes.c_int(sms))
+    if status != 0:
+        raise GreenContextError(f"cublasSetSmCountTarget({sms}) failed with cuBLAS status {status}")

@@ -295,3 +295,32 @@ def test_the_decoder_beside_the_engine_decodes_the_same_audio_on_a_few_sms_as_on
         assert peak > 1e-3 and len(a) == len(b) == len(c)
         assert float(np.abs(b - a).max()) < 1e-4 * peak and float(np.abs(c - a).max()) < 1e-4 * peak
     ours.close()
+
+
+def test_the_decoder_beside_the_engine_decodes_render_sized_calls_on_32_sms():
+    """The bench's novel-beside-sms32 at a render's largest calls (warm_up_batches: 16 chunks that fill SNAC's
+    fullest call, and 16 of the longest). In run Z6 such a render failed in cuBLAS on 32 SMs; cuBLAS is now
+    told how many SMs it has (green.limit_blas_to_sms)."""
+    import multiprocessing
+
+    import numpy as np
+
+    from fastmaya_cli import beside
+    from fastmaya_cli.checkpoints import random_snac
+    from fastmaya_cli.render import warm_up_batches
+
+    spec = beside.DecoderSpec(
+        str(random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False)), "resample", None, 16, 2048, warm=False
+    )
+    ours, theirs = multiprocessing.Pipe()
+    beside.DecoderService(spec, "cuda:0", theirs)
+    remote = beside.RemoteDecoder(ours, "cuda:0")
+    for chunks in warm_up_batches(16, 2048):
+        seeds = list(range(len(chunks)))
+        everywhere = remote.decode(chunks, seeds)
+        on_32 = remote.decode(chunks, seeds, sms=32)
+        assert len(everywhere) == len(on_32) == 16
+        for a, b in zip(everywhere, on_32, strict=True):
+            peak = float(np.abs(a).max())
+            assert peak > 1e-3 and len(a) == len(b) and float(np.abs(b - a).max()) < 1e-4 * peak
+    ours.close()
