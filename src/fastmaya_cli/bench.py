@@ -55,7 +55,8 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     # decoder too, so every stage has a little less KV cache.
     "beside": {"decode_beside": True},
     # Candidate: the same, with the decoder's kernels kept on N of the GPU's SMs (RenderOptions.decode_sms).
-    # Not working yet: its first render (sms32) failed in cuBLAS inside the engine's worker (run Z6).
+    # Not working yet: its first render (sms32) failed in cuBLAS inside the engine's worker (run Z6). cuBLAS is
+    # now told the SMs it has (green.limit_blas_to_sms), which has not yet run on a GPU.
     **{f"beside-sms{n}": {"decode_beside": True, "decode_sms": n} for n in (16, 24, 32, 48)},
     # Candidate: SNAC in float16 (codec.SnacDecoder's `half`), with a decoder of its own in the renderer's
     # process. For decoding beside the engine in float16, --codec-half makes every stage's decoder so.

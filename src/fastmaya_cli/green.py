@@ -118,9 +118,10 @@ def _cublas(maps: str = "/proc/self/maps") -> ctypes.CDLL:
 def limit_blas_to_sms(sms: int, device_index: int = 0) -> None:
     """Size cuBLAS's kernels on this thread, for the device, for `sms` SMs (0: all of them again).
 
-    cuBLAS sizes some GEMM kernels for the whole device. Launched on a green context's stream of fewer
-    SMs, such a kernel failed in a render (CUBLAS_STATUS_EXECUTION_FAILED, BENCHMARKS.md run Z6). PyTorch
-    keeps one cuBLAS handle for each thread and device, so the limit stays with the thread that sets it.
+    cuBLAS sizes some GEMM kernels for the whole device, and a GEMM on a green context's stream of 32 SMs
+    failed in a render (CUBLAS_STATUS_EXECUTION_FAILED, BENCHMARKS.md run Z6); that this was the cause is
+    likely, not yet shown on a GPU. PyTorch keeps one cuBLAS handle for each thread and device, so the
+    limit stays with the thread that sets it.
     """
     import torch
 

@@ -116,7 +116,8 @@ class RenderOptions:
     # A candidate the bench measures (novel-beside-smsN), not yet a render option: decoding beside the
     # engine, keep the decoder's kernels on this many of the GPU's SMs (a CUDA green context, green.py), so
     # that the engine's kernels always find the others free; on all of them once the engine is done. None:
-    # on all of them. Only beside the engine. Its first render failed in cuBLAS (BENCHMARKS.md run Z6).
+    # on all of them. Only beside the engine. Its first render failed in cuBLAS (BENCHMARKS.md run Z6); the
+    # decoder now tells cuBLAS how many SMs it has (green.limit_blas_to_sms), not yet run on a GPU.
     decode_sms: int | None = None
     # A bench probe, never a render option: each chunk's audio is a stand-in of its length made on the CPU
     # (stand_in_audio), not decoded, so a render shows what everything but the decoder's GPU work costs
