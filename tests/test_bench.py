@@ -505,3 +505,58 @@ def test_a_bench_that_finishes_names_no_failure_and_no_stage_in_progress(tmp_pat
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert "failed" not in report and "running" not in report and len(report["stages"]) == 1
+
+
+def test_a_candidate_render_that_fails_is_noted_and_the_bench_goes_on(tmp_path, monkeypatch):
+    """In an A/B, a failing candidate (run Z6's novel-beside-sms32) no longer costs the passes after it."""
+    from fastmaya_cli.errors import RuntimeFailure
+
+    def fails() -> StageResult:
+        raise RuntimeFailure(
+            "Decoding beside the engine on cuda:0 failed: CUBLAS.", "Render again without it."
+        )
+
+    def run(opts, report):  # noqa: ANN001, ANN202
+        report.update(device="Fake GPU", gpus=1)
+        for stage, measure in (
+            ("render-novel-beside-sms32", fails),
+            (
+                "render-novel-beside",
+                lambda: StageResult("render-novel-beside", "lmdeploy", 10, 8_000, 97.5, 1.2, 1.0),
+            ),
+        ):
+            report["running"] = stage
+            measured = bench.measure_or_note(report, stage, measure)
+            if measured is not None:
+                report["stages"].append(measured.row())
+
+    monkeypatch.setattr(bench, "_run_gpu_stages", run)
+    report_path = tmp_path / "bench.json"
+    args = ["bench", "--stages", "novel-beside-sms32,novel-beside", "--json", str(report_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "render-novel-beside-sms32 failed (RuntimeFailure: Decoding beside the engine" in result.output
+    report = json.loads(report_path.read_text())
+    assert [row["stage"] for row in report["stages"]] == ["render-novel-beside"]  # measured after the failure
+    assert report["failed_renders"] == [
+        {
+            "stage": "render-novel-beside-sms32",
+            "error": "RuntimeFailure: Decoding beside the engine on cuda:0 failed: CUBLAS. Render again without it.",
+        }
+    ]
+    assert "failed" not in report and "running" not in report
+
+
+def test_only_a_runtime_failure_of_a_candidate_lets_the_bench_go_on():
+    report: dict = {}
+
+    def bug() -> StageResult:
+        raise ValueError("a bug, not a failing candidate")
+
+    with pytest.raises(ValueError, match="a bug"):
+        bench.measure_or_note(report, "render-novel-half", bug)
+    with pytest.raises(KeyboardInterrupt):
+        bench.measure_or_note(report, "render-novel-half", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert report == {}
+    row = StageResult("render-novel-half", "lmdeploy", 10, 8_000, 97.5, 1.2, 1.0)
+    assert bench.measure_or_note(report, "render-novel-half", lambda: row) is row and report == {}

@@ -435,3 +435,38 @@ def test_the_stand_in_is_as_long_as_the_decoded_audio_and_about_as_loud_as_speec
     assert -30.0 < rms_db < -12.0 and np.abs(audio).max() < 0.5
     assert np.array_equal(stand_in_audio(65, 7, 48000), audio)
     assert not np.array_equal(stand_in_audio(65, 8, 48000), audio)
+
+
+def test_a_renderer_renders_again_after_a_render_whose_decoder_failed(
+    scripted_options, tmp_path, monkeypatch
+):
+    """The bench goes on after a candidate's render fails (bench.measure_or_note), with the same engine and
+    models: the next render must find nothing left of the failed one."""
+    from fastmaya_cli import render
+    from fastmaya_cli.assemble import OutputSpec
+    from fastmaya_cli.engines.scripted import ScriptedEngine
+    from fastmaya_cli.errors import RuntimeFailure
+    from fastmaya_cli.progress import Progress
+
+    decode = render.decode_and_upsample
+    calls: list[int] = []
+
+    def fails_first(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeFailure(
+                "Decoding beside the engine on cuda:0 failed: CUBLAS.", "Render again without it."
+            )
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(render, "decode_and_upsample", fails_first)
+    book = tmp_path / "book.txt"
+    book.write_text("The tide came in. The boats lifted.\n")
+    renderer = render.Renderer(scripted_options(), Progress("none"), engine=ScriptedEngine())
+    spec = OutputSpec(path=tmp_path / "book.flac", format="flac", loudness="off")
+    with pytest.raises(RuntimeFailure, match="CUBLAS"):
+        renderer.render(book, spec)
+    assert not spec.path.exists()  # no partial output
+    result = renderer.render(book, spec)
+    assert result.failed == 0 and result.chunks == 2 and spec.path.exists() and len(calls) > 1
+    renderer.close()

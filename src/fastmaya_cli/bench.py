@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import maya1
-from .errors import InputError
+from .errors import InputError, RuntimeFailure
 from .progress import Progress
 from .stage_probe import StageProbe
 
@@ -385,6 +385,13 @@ def _run_render(  # noqa: ANN001
     )
 
 
+def _run_candidate(  # noqa: ANN001
+    renderer, source: Path, output: Path, stage: str, engine_name: str, loudness: str
+) -> StageResult:
+    renderer.load_decoder()  # one of its own (novel-half) loads and warms here, untimed
+    return _run_render(renderer, source, output, stage, engine_name, loudness)
+
+
 def gain_trail(result) -> dict:  # noqa: ANN001 - render.RenderResult
     """The book's gain against the exact one, and for each early part, in book order: the gain it was
     encoded at, and the loudness's gain and the peak's limit that the book so far asked for when it got
@@ -704,11 +711,36 @@ def run_bench(opts: BenchOptions) -> dict:
         raise
     report.pop(RUNNING, None)
     _report(report, opts)
+    failed = report.get(FAILED_RENDERS)
+    if failed:
+        raise RuntimeFailure(
+            f"The bench's {', '.join(entry['stage'] for entry in failed)} failed ({failed[0]['error']}); "
+            "the other stages were measured.",
+            "The report names each failed render and its error (failed_renders).",
+        )
     return report
 
 
 # The report's key for the stage in progress; it becomes report["failed"]["stage"] if that stage fails.
 RUNNING = "running"
+# The report's key for the candidates' renders that failed while the bench went on with its other passes.
+FAILED_RENDERS = "failed_renders"
+
+
+def measure_or_note(report: dict, stage: str, measure: Callable[[], StageResult]) -> StageResult | None:
+    """Run a candidate's render of the novel (NOVEL_VARIANTS).
+
+    One that fails with a RuntimeFailure (novel-beside-sms32 failing on the GPU, say) is noted in
+    report[FAILED_RENDERS] and gives None, and the bench goes on with its next pass: in a long A/B, a
+    failing candidate must not cost the passes after it (run Z6 lost two). The engine cancels the failed
+    render's requests and stays usable. Any other error, and Ctrl-C, still end the bench.
+    """
+    try:
+        return measure()
+    except RuntimeFailure as error:
+        report.setdefault(FAILED_RENDERS, []).append({"stage": stage, "error": _error_text(error)})
+        print(json.dumps({"stage": stage, "failed": _error_text(error)}), flush=True)
+        return None
 
 
 def _error_text(error: BaseException) -> str:
@@ -891,9 +923,13 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
                     # The same chunks as the novel's render, LLM only: the render's own yardstick at book length.
                     results.append(_run_llm(novel_renderer, novel_chunks, stage, name))
                 elif variant in NOVEL_VARIANTS:
-                    before = _sharing(novel_renderer, **NOVEL_VARIANTS[variant])
-                    before.load_decoder()  # one of its own (novel-half) loads and warms here, untimed
-                    results.append(_run_render(before, novel, novel_out, stage, name, opts.render_loudness))
+                    candidate = _sharing(novel_renderer, **NOVEL_VARIANTS[variant])
+                    measure = partial(
+                        _run_candidate, candidate, novel, novel_out, stage, name, opts.render_loudness
+                    )
+                    measured = measure_or_note(report, stage, measure)
+                    if measured is not None:
+                        results.append(measured)
                 else:
                     for count in opts.novel_early_encoders or (None,):
                         changed = (
@@ -1069,5 +1105,6 @@ def _print_table(report: dict) -> None:
             "codec": report.get("codec"),
             "finish": report.get("finish"),
             "failed": report.get("failed"),
+            "failed_renders": report.get(FAILED_RENDERS),
         }
     )
