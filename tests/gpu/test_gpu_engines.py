@@ -1,5 +1,6 @@
 """Run on the GPU machine: `python -m pytest tests/gpu -q`."""
 
+import contextlib
 import math
 import os
 import subprocess
@@ -267,60 +268,57 @@ def test_a_green_context_stream_keeps_to_its_sms_and_computes_what_the_default_s
     assert torch.equal(got, expected)
 
 
-def test_the_decoder_beside_the_engine_decodes_the_same_audio_on_a_few_sms_as_on_all():
-    """What the bench's novel-beside-smsN asks of the engine's worker, in this process: the same decoder on
-    a green context of 16 SMs, then on all of them again (each move hands the cached memory back)."""
+@contextlib.contextmanager
+def _decoder_beside(warm: bool = True):  # noqa: ANN202
+    """The engine worker's decoder service, on cuda:0 in this process, and the renderer's side of it."""
     import multiprocessing
-
-    import numpy as np
 
     from fastmaya_cli import beside
     from fastmaya_cli.checkpoints import random_snac
+
+    snac = str(random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False))
+    ours, theirs = multiprocessing.Pipe()
+    beside.DecoderService(beside.DecoderSpec(snac, "resample", None, 16, 2048, warm=warm), "cuda:0", theirs)
+    try:
+        yield beside.RemoteDecoder(ours, "cuda:0")
+    finally:
+        ours.close()
+
+
+def test_the_decoder_beside_the_engine_decodes_the_same_audio_on_a_few_sms_as_on_all():
+    """What the bench's novel-beside-smsN asks of the engine's worker, in this process: the same decoder on
+    a green context of 16 SMs, then on all of them again (each move hands the cached memory back)."""
+    import numpy as np
+
     from fastmaya_cli.maya1 import Codes
 
-    spec = beside.DecoderSpec(
-        str(random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False)), "resample", None, 16, 2048
-    )
-    ours, theirs = multiprocessing.Pipe()
-    beside.DecoderService(spec, "cuda:0", theirs)
-    remote = beside.RemoteDecoder(ours, "cuda:0")
     rng = np.random.default_rng(4)
     frames = [150, 40, 90]
     chunks = [Codes(*(rng.integers(0, 4096, f * n) for n in (1, 2, 4))) for f in frames]
-    everywhere = remote.decode(chunks, [1, 2, 3])
-    on_16 = remote.decode(chunks, [1, 2, 3], sms=16)
-    again = remote.decode(chunks, [1, 2, 3])
+    with _decoder_beside() as remote:
+        everywhere = remote.decode(chunks, [1, 2, 3])
+        on_16 = remote.decode(chunks, [1, 2, 3], sms=16)
+        again = remote.decode(chunks, [1, 2, 3])
     for a, b, c in zip(everywhere, on_16, again, strict=True):
         peak = float(np.abs(a).max())
         assert peak > 1e-3 and len(a) == len(b) == len(c)
         assert float(np.abs(b - a).max()) < 1e-4 * peak and float(np.abs(c - a).max()) < 1e-4 * peak
-    ours.close()
 
 
 def test_the_decoder_beside_the_engine_decodes_render_sized_calls_on_32_sms():
     """The bench's novel-beside-sms32 at a render's largest calls (warm_up_batches: 16 chunks that fill SNAC's
     fullest call, and 16 of the longest). In run Z6 such a render failed in cuBLAS on 32 SMs; cuBLAS is now
     told how many SMs it has (green.limit_blas_to_sms)."""
-    import multiprocessing
-
     import numpy as np
 
-    from fastmaya_cli import beside
-    from fastmaya_cli.checkpoints import random_snac
     from fastmaya_cli.render import warm_up_batches
 
-    spec = beside.DecoderSpec(
-        str(random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False)), "resample", None, 16, 2048, warm=False
-    )
-    ours, theirs = multiprocessing.Pipe()
-    beside.DecoderService(spec, "cuda:0", theirs)
-    remote = beside.RemoteDecoder(ours, "cuda:0")
-    for chunks in warm_up_batches(16, 2048):
-        seeds = list(range(len(chunks)))
-        everywhere = remote.decode(chunks, seeds)
-        on_32 = remote.decode(chunks, seeds, sms=32)
-        assert len(everywhere) == len(on_32) == 16
-        for a, b in zip(everywhere, on_32, strict=True):
-            peak = float(np.abs(a).max())
-            assert peak > 1e-3 and len(a) == len(b) and float(np.abs(b - a).max()) < 1e-4 * peak
-    ours.close()
+    with _decoder_beside(warm=False) as remote:
+        for chunks in warm_up_batches(16, 2048):
+            seeds = list(range(len(chunks)))
+            everywhere = remote.decode(chunks, seeds)
+            on_32 = remote.decode(chunks, seeds, sms=32)
+            assert len(everywhere) == len(on_32) == 16
+            for a, b in zip(everywhere, on_32, strict=True):
+                peak = float(np.abs(a).max())
+                assert peak > 1e-3 and len(a) == len(b) and float(np.abs(b - a).max()) < 1e-4 * peak
