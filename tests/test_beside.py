@@ -144,6 +144,7 @@ def test_the_decoder_service_sends_each_chunks_audio_as_decode_and_upsample_make
         for clip, want in zip(clips, expected, strict=True):
             np.testing.assert_array_equal(clip, want)
     assert remote.output_rate == 24_000 and remote.frames_decoded == 17 + 2 + 13
+    assert remote.cpu_s > 0  # the worker's decoding thread's CPU seconds come back with each call
     assert set(glob.glob("/dev/shm/fastmaya-audio-*")) == left_before  # each file unlinked once mapped
     ours.close()
     service._thread.join(5)
@@ -267,9 +268,11 @@ def test_the_renderer_hands_its_decode_sms_to_the_decoder_beside_the_engine(
 
     class Beside:
         frames_decoded = frames_computed = 0
+        cpu_s = 0.0
 
         def decode(self, codes, seeds, sms=None):  # noqa: ANN001, ANN202
             asked.append(sms)
+            self.cpu_s += 0.25  # the worker's decoding thread, as its replies tell
             return [np.zeros(c.frames * 4096, dtype=np.float32) for c in codes]  # 48 kHz
 
     stub = Beside()
@@ -279,10 +282,15 @@ def test_the_renderer_hands_its_decode_sms_to_the_decoder_beside_the_engine(
         monkeypatch.setattr(render.DecodeQueue, "generating", property(lambda self, g=generating: g))
         asked.clear()
         renderer = render.Renderer(options, Progress("none"), engine=ScriptedEngine())
-        audio, rate = _render(renderer, tmp_path, f"beside-{generating}")
-        assert rate == 48_000 and len(audio) > 0
+        book = tmp_path / "book.txt"
+        book.write_text(BOOK)
+        output = tmp_path / f"beside-{generating}.flac"
+        result = renderer.render(book, OutputSpec(path=output, format="flac", loudness="off"))
+        assert result.failed == 0 and sf.info(str(output)).samplerate == 48_000
         assert asked and set(asked) == {expected}
         assert renderer._decoder is None  # nothing decoded in the renderer's process
+        # The render reports the worker's decoding thread's CPU seconds, not its own thread's.
+        assert result.decoder_cpu_s == pytest.approx(0.25 * len(asked))
 
 
 def test_the_decode_queue_knows_while_chunks_are_still_to_come():

@@ -253,6 +253,27 @@ def test_render_reports_how_long_decoding_ran_on_after_generation(scripted_optio
     assert result.snac_padding == pytest.approx((decoded + 2 * RIGHT_CONTEXT_FRAMES) / decoded)
 
 
+def test_render_reports_the_decoding_threads_cpu_seconds_not_its_wall(
+    scripted_options, tmp_path, monkeypatch
+):
+    from fastmaya_cli import render
+
+    real = render.decode_and_upsample
+    spent: list[float] = []
+
+    def waits_then_decodes(*args, **kwargs):
+        time.sleep(0.5)  # as a thread asleep while the GPU works: wall, no CPU
+        started = time.thread_time()
+        decoded = real(*args, **kwargs)
+        spent.append(time.thread_time() - started)
+        return decoded
+
+    monkeypatch.setattr(render, "decode_and_upsample", waits_then_decodes)
+    _, result = _render_two_sentences(tmp_path, scripted_options)
+    assert len(spent) == 2 and sum(spent) > 0  # a call a chunk on the CPU
+    assert sum(spent) <= result.decoder_cpu_s < sum(spent) + 0.5  # the sleeps (1 s in all) are not in it
+
+
 @pytest.mark.parametrize("as_before", [False, True])
 def test_the_decode_worker_plans_its_calls_unless_asked_to_decode_as_before(
     scripted_options, tmp_path, monkeypatch, as_before
@@ -407,6 +428,7 @@ def test_a_stand_in_render_decodes_nothing_yet_gives_every_chunk_its_decoded_len
 
     cache = tmp_path / "cache"  # a render whose output is up to date with its stamp is skipped
     _, decoded = _render_two_sentences(tmp_path, scripted_options, cache_dir=cache)
+    assert decoded.decoder_cpu_s > 0
     assert _render_two_sentences(tmp_path, scripted_options, cache_dir=cache)[1].skipped
     decoded_audio, rate = soundfile.read(tmp_path / "book.flac", dtype="float32")
 
@@ -417,6 +439,7 @@ def test_a_stand_in_render_decodes_nothing_yet_gives_every_chunk_its_decoded_len
     _, stood_in = _render_two_sentences(tmp_path, scripted_options, cache_dir=cache, decode_stand_in=True)
     stand_in_audio, stand_in_rate = soundfile.read(tmp_path / "book.flac", dtype="float32")
     assert not stood_in.skipped  # the same book and output, but the decoded render's file is not its own
+    assert stood_in.decoder_cpu_s == 0  # no decoder ran
     assert (stood_in.chunks, stood_in.failed) == (decoded.chunks, decoded.failed) == (2, 0)
     assert stood_in.audio_s == pytest.approx(decoded.audio_s)
     assert (len(stand_in_audio), stand_in_rate) == (len(decoded_audio), rate)

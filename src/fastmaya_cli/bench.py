@@ -376,6 +376,7 @@ def _run_render(  # noqa: ANN001
             "lane_busy_s": result.lane_busy_s,
             "early_parts": result.early_parts,
             "snac_padding": round(result.snac_padding, 3),
+            "decoder_cpu_s": round(result.decoder_cpu_s, 2),
             **trace_summary(result.trace, result.generate_s),
             **memory.notes,
             **probe.notes,

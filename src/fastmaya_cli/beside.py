@@ -262,6 +262,7 @@ class DecoderService:
             if message[0] == "info":
                 self.conn.send(("info", self.output_rate, self.startup))
                 continue
+            cpu = time.thread_time()
             try:
                 call = decode(message[1], message[2], message[3])
             except Exception as exc:  # the renderer stops the render with it; the worker lives on
@@ -270,7 +271,8 @@ class DecoderService:
                 continue
             path = audio.write(call.clips)
             lengths = [len(clip) for clip in call.clips]
-            self.conn.send(("audio", path, lengths, call.frames_decoded, call.frames_computed))
+            cpu = time.thread_time() - cpu
+            self.conn.send(("audio", path, lengths, call.frames_decoded, call.frames_computed, cpu))
 
 
 class RemoteDecoder:
@@ -286,6 +288,7 @@ class RemoteDecoder:
         self._audio: mmap.mmap | None = None
         self.frames_decoded = 0
         self.frames_computed = 0
+        self.cpu_s = 0.0  # CPU seconds of the worker's decoding thread in the calls (see DecodeWorker)
 
     def _ask(self) -> tuple[int, dict[str, float]]:
         if self._info is None:
@@ -311,13 +314,14 @@ class RemoteDecoder:
         that many of the GPU's SMs (DecodeStreams)."""
         with self._lock:
             self._request(("decode", list(codes), list(seeds), sms))
-            _, path, lengths, decoded, computed = self._reply("audio")
+            _, path, lengths, decoded, computed, cpu_s = self._reply("audio")
             view = np.frombuffer(self._mapped(path), dtype=np.float32)
             ends = np.cumsum([0, *lengths])
             clips = [view[start:end].copy() for start, end in zip(ends[:-1], ends[1:], strict=True)]
             del view
         self.frames_decoded += decoded
         self.frames_computed += computed
+        self.cpu_s += cpu_s
         return clips
 
     def _request(self, message: tuple[Any, ...]) -> None:

@@ -18,6 +18,7 @@ import torch
 from . import snac_fused
 from .errors import RuntimeFailure
 from .maya1 import SAMPLES_PER_FRAME, SNAC_RATE, Codes
+from .transfers import is_true, to_device
 
 DEFAULT_CODEC = "hubertsiuzdak/snac_24khz"
 
@@ -258,17 +259,17 @@ class SnacDecoder:
             for row, c in enumerate(codes):
                 values = (c.c0, c.c1, c.c2)[level]
                 padded[row, : values.shape[0]] = values
-            books.append(torch.from_numpy(padded).to(self.device))
+            books.append(to_device(padded, self.device))
         # Seeds are 63-bit: a chunk seed (any Python int) folded into int64's positive range.
         row_seeds = [seed % (1 << 63) for seed in seeds] + [0] * (rows - len(codes))
-        self._seeds = torch.tensor(row_seeds, dtype=torch.int64).to(self.device)
+        self._seeds = to_device(row_seeds, self.device)
         lengths = [f * SAMPLES_PER_FRAME for f in frames]
         kept = (len(codes), max(lengths))
         audio = self._run(self.model, books, row_frames, width, kept)
-        if self.half and not bool(torch.isfinite(audio).all()):
+        if self.half and not is_true(torch.isfinite(audio).all()):
             self.half_fallbacks += 1
             audio = self._run(self._float32_model, books, row_frames, width, kept)
-        sample_ends = torch.tensor(lengths, device=self.device).view(-1, 1)
+        sample_ends = to_device(lengths, self.device).view(-1, 1)
         audio = audio.masked_fill(torch.arange(audio.shape[-1], device=self.device) >= sample_ends, 0.0)
         return audio, lengths
 
@@ -284,7 +285,7 @@ class SnacDecoder:
         the first ``kept`` rows and samples."""
         latent = model.quantizer.from_codes(books)
         latent_per_frame = latent.shape[-1] // width
-        latent_ends = torch.tensor(row_frames, device=self.device).view(-1, 1, 1) * latent_per_frame
+        latent_ends = to_device(row_frames, self.device).view(-1, 1, 1) * latent_per_frame
         latent = latent.masked_fill(torch.arange(latent.shape[-1], device=self.device) >= latent_ends, 0.0)
         rows, samples = kept
         with tf32_matmuls(self.tf32):

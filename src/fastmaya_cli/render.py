@@ -57,6 +57,7 @@ from .loudness import LoudnessReport
 from .progress import Progress
 from .split_encode import available_cpus
 from .text import Book, Chunk, expected_seconds, iter_chunks, read_book, sentence_splitter, spoken_text
+from .transfers import to_host
 from .upsample import output_rate_of, resolved_kind
 
 if TYPE_CHECKING:
@@ -165,6 +166,9 @@ class RenderResult:
     lane_busy_s: dict[str, float] = field(default_factory=dict)  # AssemblyResult.lane_busy_s
     early_parts: dict[str, int] = field(default_factory=dict)  # AssemblyResult.early_parts
     snac_padding: float = 0.0  # frames SNAC computed over the frames it decoded (1: no padding)
+    # CPU seconds of the thread that ran SNAC and the upsampler, in its calls (beside the engine: the worker's).
+    # Waiting for the GPU it sleeps (transfers.py), so this is the decoder's own work on the CPU.
+    decoder_cpu_s: float = 0.0
     loudness: LoudnessReport | None = None  # AssemblyResult.loudness
     early: tuple[EarlyPart, ...] = ()  # AssemblyResult.early
     # Speech (s) not yet in the assembler when the engine finished: what decode_tail_s still had to do.
@@ -614,6 +618,7 @@ class Renderer:
             lane_busy_s=assembled.lane_busy_s,
             early_parts=assembled.early_parts,
             snac_padding=worker.frames_computed / worker.frames_decoded if worker.frames_decoded else 0.0,
+            decoder_cpu_s=worker.decoder_cpu_s,
             loudness=assembled.loudness,
             early=assembled.early,
             behind_at_generation_end_s=(worker.assembled_samples - assembled_then) / rate,
@@ -819,6 +824,7 @@ class DecodeWorker:
         self.frames_decoded = 0  # SNAC frames asked for in this render, and computed with the padding
         self.frames_computed = 0
         self.assembled_samples = 0  # of chunk audio handed to the assembler so far
+        self.decoder_cpu_s = 0.0  # CPU seconds of the thread that ran SNAC and the upsampler, in its calls
         self.calls: list[tuple[float, float, int, float]] = []  # perf_counter start, end, chunks, audio s
         self._done: Future | None = None
 
@@ -885,8 +891,11 @@ class DecodeWorker:
         if beside is not None:
             # Once the engine is done, the decoder has the whole GPU to itself for what is left.
             sms = self.renderer.options.decode_sms if self.tracker.generating else None
+            cpu = beside.cpu_s
             clips = beside.decode(codes, seeds, sms=sms)
+            self.decoder_cpu_s += beside.cpu_s - cpu
         else:
+            cpu = time.thread_time()
             with self.renderer.decode_stream():
                 clips, _ = decode_and_upsample(
                     decoder,
@@ -895,6 +904,7 @@ class DecodeWorker:
                     seeds=seeds,
                     **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
                 )
+            self.decoder_cpu_s += time.thread_time() - cpu
         self.frames_decoded += decoder.frames_decoded - decoded
         self.frames_computed += decoder.frames_computed - computed
         return clips
@@ -1040,7 +1050,7 @@ def _decode_part(
                 rows[index] = audio[row, :length]
         audio = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # every chunk is in one call
         audio, lengths = upsampler(audio, [len(row) for row in rows])
-        host = _to_host(audio.float()) if pinned else audio.float().cpu().numpy()
+        host = to_host(audio.float()) if pinned else audio.float().cpu().numpy()
     except torch.OutOfMemoryError:
         if len(codes) == 1:
             raise
@@ -1051,19 +1061,6 @@ def _decode_part(
             decoder, upsampler, codes[half:], seeds[half:], plan, pinned
         )
     return [host[row, :length].copy() for row, length in enumerate(lengths)]
-
-
-def _to_host(audio: torch.Tensor) -> np.ndarray:
-    """The audio in host memory. From a GPU, through page-locked memory: a copy to ordinary (pageable)
-    memory ran at about 1 GB/s on an H100 host and took a quarter of the decoder's time."""
-    import torch
-
-    if audio.device.type != "cuda":
-        return audio.numpy()
-    host = torch.empty(audio.shape, dtype=audio.dtype, pin_memory=True)  # torch caches these blocks
-    host.copy_(audio, non_blocking=True)
-    torch.cuda.current_stream(audio.device).synchronize()
-    return host.numpy()
 
 
 def is_up_to_date(stamp_path: Path | None, stamp: str, spec: OutputSpec) -> bool:

@@ -47,6 +47,7 @@ from scipy import signal
 
 from .errors import InputError, RuntimeFailure
 from .speechsr import RECEPTIVE_FIELD_48K, SpeechSR48k, build_generator
+from .transfers import is_true, to_device
 from .triton_support import fused_kernels_available
 
 SNAC_RATE = 24_000
@@ -158,7 +159,7 @@ def _check_batch(audio: torch.Tensor, lengths: Sequence[int]) -> list[int]:
 
 def _zero_beyond(audio: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     positions = torch.arange(audio.shape[-1], device=audio.device)
-    limits = torch.tensor(lengths, device=audio.device).unsqueeze(1)
+    limits = to_device(lengths, audio.device).unsqueeze(1)
     return audio * (positions < limits)
 
 
@@ -171,7 +172,8 @@ def limit_peaks(audio: torch.Tensor, ceiling: float = OUTPUT_CEILING) -> torch.T
     The final clamp only absorbs float rounding.
     """
     magnitude = audio.abs()
-    if not bool((magnitude > ceiling).any()):  # the usual case; one device sync is cheaper than the filters
+    # The usual case; one wait for the GPU is cheaper than the filters.
+    if not is_true((magnitude > ceiling).any()):
         return audio
     half = LIMITER_WINDOW_48K // 2
     need = ((magnitude - ceiling).clamp_min(0) / magnitude.clamp_min(ceiling)).unsqueeze(1)  # 0 when in range
@@ -293,8 +295,8 @@ class SpeechSRUpsampler:
             return audio.new_zeros(batch, 2 * samples), doubled
         padded = F.pad(audio, (self.margin, most * self.core + self.margin - samples))
         windows = padded.unfold(-1, self.window, self.core)  # [B, most, window], a view
-        rows = torch.tensor([b for b, count in enumerate(counts) for _ in range(count)], device=self.device)
-        columns = torch.tensor([j for count in counts for j in range(count)], device=self.device)
+        rows = to_device([b for b, count in enumerate(counts) for _ in range(count)], self.device)
+        columns = to_device([j for count in counts for j in range(count)], self.device)
         segments = windows[rows, columns]
         cores = torch.cat([self._process_padded(group) for group in segments.split(self.max_segments)])
         out = audio.new_zeros(batch, most, 2 * self.core)

@@ -253,6 +253,37 @@ def test_decoding_on_cuda_gives_each_chunk_the_same_audio_however_the_calls_are_
         assert peak > 1e-3 and float(np.abs(clip - reference).max()) < 1e-3 * peak
 
 
+def test_the_decoder_sleeps_rather_than_spins_while_the_gpu_works():
+    """transfers.py: a decode call with the GPU's work queued ahead of it (as behind the engine's) copies its
+    codes and waits for SNAC and the upsampler asleep, so its thread's CPU time is a small part of its wall.
+    A blocking copy from pageable memory, or a stream sync, would spin the thread for all of that wait."""
+    import time
+
+    import torch
+
+    from fastmaya_cli.checkpoints import random_snac
+    from fastmaya_cli.codec import SnacDecoder
+    from fastmaya_cli.render import decode_and_upsample, warm_up_batches
+    from fastmaya_cli.speechsr import SpeechSR48k, SpeechSRCheckpoint
+    from fastmaya_cli.upsample import speechsr_upsampler
+
+    decoder = SnacDecoder(random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False), "cuda")
+    generator = SpeechSR48k(SpeechSRCheckpoint())  # random weights: loud enough for the peak limiter too
+    upsampler = speechsr_upsampler(generator, device=torch.device("cuda"), dtype=None, compile=True)
+    chunks = warm_up_batches(16, 2048)[1]
+    seeds = list(range(len(chunks)))
+    decode_and_upsample(decoder, upsampler, chunks, seeds=seeds)  # kernels compiled and chosen
+    torch.cuda.synchronize()
+    x = torch.randn(8192, 8192, device="cuda")
+    for _ in range(100):  # about 2 s of float32 products queued ahead of the call
+        x = x @ x / 8192**0.5
+    wall, cpu = time.perf_counter(), time.thread_time()
+    clips, lengths = decode_and_upsample(decoder, upsampler, chunks, seeds=seeds)
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    assert lengths == [c.frames * 2048 * 2 for c in chunks] and len(clips) == len(chunks)
+    assert wall > 0.5 and cpu < 0.3 * wall, (wall, cpu)
+
+
 def test_a_green_context_stream_keeps_to_its_sms_and_computes_what_the_default_stream_does():
     import torch
 

@@ -1,0 +1,25 @@
+"""transfers.py off the GPU: the same values as plain torch (the GPU side is in tests/gpu)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastmaya_cli.transfers import is_true, to_device, to_host, wait_for_gpu
+
+
+def test_values_reach_the_device_with_their_dtype():
+    cpu = torch.device("cpu")
+    from_list = to_device([3, 1 << 62, 0], cpu)  # seeds are 63-bit
+    assert from_list.dtype == torch.int64 and from_list.tolist() == [3, 1 << 62, 0]
+    from_array = to_device(np.array([[1, 2], [3, 4]], dtype=np.int32), cpu)
+    assert from_array.dtype == torch.int64 and from_array.tolist() == [[1, 2], [3, 4]]
+    assert to_device([1.5, 2.0], cpu, torch.float32).tolist() == [1.5, 2.0]
+
+
+def test_host_copies_and_flags_read_back_what_the_tensor_holds():
+    audio = torch.linspace(-1, 1, 7)
+    np.testing.assert_array_equal(to_host(audio), audio.numpy())
+    wait_for_gpu(torch.device("cpu"))  # nothing to wait for
+    assert is_true((audio > 0.9).any()) and not is_true((audio > 1).any())
+    assert is_true(torch.tensor(True)) and not is_true(torch.tensor([False]))
