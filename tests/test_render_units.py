@@ -274,6 +274,24 @@ def test_render_reports_the_decoding_threads_cpu_seconds_not_its_wall(
     assert sum(spent) <= result.decoder_cpu_s < sum(spent) + 0.5  # the sleeps (1 s in all) are not in it
 
 
+@pytest.mark.parametrize("spins", [False, True])
+def test_the_decode_worker_spins_its_waits_only_for_the_benchs_baseline(
+    scripted_options, tmp_path, monkeypatch, spins
+):
+    from fastmaya_cli import render
+
+    real = render.decode_and_upsample
+    asked: list[bool] = []
+
+    def watched(*args, spin=False, **kwargs):
+        asked.append(spin)
+        return real(*args, spin=spin, **kwargs)
+
+    monkeypatch.setattr(render, "decode_and_upsample", watched)
+    _, result = _render_two_sentences(tmp_path, scripted_options, decode_spins=spins)
+    assert result.failed == 0 and asked == [spins, spins]  # a call a chunk on the CPU
+
+
 @pytest.mark.parametrize("as_before", [False, True])
 def test_the_decode_worker_plans_its_calls_unless_asked_to_decode_as_before(
     scripted_options, tmp_path, monkeypatch, as_before

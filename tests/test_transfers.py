@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
-from fastmaya_cli.transfers import is_true, to_device, to_host, wait_for_gpu
+from fastmaya_cli.transfers import is_true, spinning, spins, to_device, to_host, wait_for_gpu
 
 
 def test_values_reach_the_device_with_their_dtype():
@@ -23,3 +25,42 @@ def test_host_copies_and_flags_read_back_what_the_tensor_holds():
     wait_for_gpu(torch.device("cpu"))  # nothing to wait for
     assert is_true((audio > 0.9).any()) and not is_true((audio > 1).any())
     assert is_true(torch.tensor(True)) and not is_true(torch.tensor([False]))
+
+
+def test_spinning_holds_for_this_thread_and_this_block_only():
+    seen_elsewhere = []
+    assert not spins()
+    with spinning():
+        assert spins()
+        other = threading.Thread(target=lambda: seen_elsewhere.append(spins()))
+        other.start()
+        other.join()
+        assert to_device([1, 2], torch.device("cpu")).tolist() == [1, 2]  # the same values either way
+    assert not spins() and seen_elsewhere == [False]
+    try:
+        with spinning():
+            raise KeyError("a failing decode call")
+    except KeyError:
+        pass
+    assert not spins()  # a call that fails does not leave its thread spinning
+
+
+def test_decode_and_upsample_spins_only_when_asked(tiny_snac, monkeypatch):
+    from fastmaya_cli import render
+    from fastmaya_cli.codec import SnacDecoder, random_codes
+    from fastmaya_cli.upsample import PassThrough
+
+    decoder = SnacDecoder(str(tiny_snac), "cpu")
+    real = render._decode_part
+    during: list[bool] = []
+
+    def watched(*args, **kwargs):
+        during.append(spins())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(render, "_decode_part", watched)
+    codes = [random_codes(3, np.random.default_rng(1))]
+    sleeping, _ = render.decode_and_upsample(decoder, PassThrough(), codes, seeds=[7])
+    spun, _ = render.decode_and_upsample(decoder, PassThrough(), codes, seeds=[7], spin=True)
+    assert during == [False, True] and not spins()
+    np.testing.assert_array_equal(sleeping[0], spun[0])

@@ -207,7 +207,7 @@ class DecoderService:
         finally:
             audio.close()
 
-    def _load(self) -> Callable[[list[maya1.Codes], list[int], int | None], DecodedCall]:
+    def _load(self) -> Callable[[list[maya1.Codes], list[int], int | None, bool], DecodedCall]:
         import torch
 
         from .codec import SnacDecoder
@@ -240,11 +240,13 @@ class DecoderService:
                 lambda sms: limit_blas_to_sms(sms, index),
             )
 
-        def decode(codes: list[maya1.Codes], seeds: list[int], sms: int | None = None) -> DecodedCall:
+        def decode(
+            codes: list[maya1.Codes], seeds: list[int], sms: int | None = None, spin: bool = False
+        ) -> DecodedCall:
             decoded, computed = decoder.frames_decoded, decoder.frames_computed
             chosen = streams.stream(sms) if streams is not None else None  # a CPU has no SMs to keep apart
             with torch.cuda.stream(chosen) if chosen is not None else contextlib.nullcontext():
-                clips, _ = decode_and_upsample(decoder, upsampler, codes, seeds=seeds)
+                clips, _ = decode_and_upsample(decoder, upsampler, codes, seeds=seeds, spin=spin)
             return DecodedCall(clips, decoder.frames_decoded - decoded, decoder.frames_computed - computed)
 
         if cuda and spec.warm:
@@ -255,7 +257,9 @@ class DecoderService:
         return decode
 
     def _serve(
-        self, decode: Callable[[list[maya1.Codes], list[int], int | None], DecodedCall], audio: SharedAudio
+        self,
+        decode: Callable[[list[maya1.Codes], list[int], int | None, bool], DecodedCall],
+        audio: SharedAudio,
     ) -> None:
         while True:
             message = self.conn.recv()
@@ -264,7 +268,7 @@ class DecoderService:
                 continue
             cpu = time.thread_time()
             try:
-                call = decode(message[1], message[2], message[3])
+                call = decode(message[1], message[2], message[3], message[4])
             except Exception as exc:  # the renderer stops the render with it; the worker lives on
                 traceback.print_exc()
                 self.conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -308,12 +312,12 @@ class RemoteDecoder:
         return dict(self._ask()[1])
 
     def decode(
-        self, codes: Sequence[maya1.Codes], seeds: Sequence[int], sms: int | None = None
+        self, codes: Sequence[maya1.Codes], seeds: Sequence[int], sms: int | None = None, spin: bool = False
     ) -> list[np.ndarray]:
         """Each chunk's audio at the output rate, as decode_and_upsample returns it; with `sms`, decoded on
-        that many of the GPU's SMs (DecodeStreams)."""
+        that many of the GPU's SMs (DecodeStreams); with `spin`, its waits spin (the bench's baseline)."""
         with self._lock:
-            self._request(("decode", list(codes), list(seeds), sms))
+            self._request(("decode", list(codes), list(seeds), sms, spin))
             _, path, lengths, decoded, computed, cpu_s = self._reply("audio")
             view = np.frombuffer(self._mapped(path), dtype=np.float32)
             ends = np.cumsum([0, *lengths])

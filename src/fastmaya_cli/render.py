@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import maya1
+from . import maya1, transfers
 from .assemble import (
     Assembler,
     BookInfo,
@@ -57,7 +57,6 @@ from .loudness import LoudnessReport
 from .progress import Progress
 from .split_encode import available_cpus
 from .text import Book, Chunk, expected_seconds, iter_chunks, read_book, sentence_splitter, spoken_text
-from .transfers import to_host
 from .upsample import output_rate_of, resolved_kind
 
 if TYPE_CHECKING:
@@ -124,6 +123,9 @@ class RenderOptions:
     # (stand_in_audio), not decoded, so a render shows what everything but the decoder's GPU work costs
     # generation. The assembler, loudness and encoders get audio as long as SNAC's would be.
     decode_stand_in: bool = False
+    # A bench baseline, never a render option: the decoder's copies and waits spin a CPU core as they did
+    # before transfers.py, for an A/B with the sleeping ones in one run (novel-spin, novel-beside-spin).
+    decode_spins: bool = False
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -892,7 +894,7 @@ class DecodeWorker:
             # Once the engine is done, the decoder has the whole GPU to itself for what is left.
             sms = self.renderer.options.decode_sms if self.tracker.generating else None
             cpu = beside.cpu_s
-            clips = beside.decode(codes, seeds, sms=sms)
+            clips = beside.decode(codes, seeds, sms=sms, spin=self.renderer.options.decode_spins)
             self.decoder_cpu_s += beside.cpu_s - cpu
         else:
             cpu = time.thread_time()
@@ -902,6 +904,7 @@ class DecodeWorker:
                     self.renderer.upsampler,
                     codes,
                     seeds=seeds,
+                    spin=self.renderer.options.decode_spins,
                     **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
                 )
             self.decoder_cpu_s += time.thread_time() - cpu
@@ -978,6 +981,7 @@ def decode_and_upsample(
     seeds: Sequence[int],
     plan: CallPlanner | None = None,
     pinned: bool = True,
+    spin: bool = False,
 ) -> tuple[list[np.ndarray], list[int]]:
     """Chunks through SNAC and the upsampler, split back into per-chunk float32 arrays.
 
@@ -985,23 +989,24 @@ def decode_and_upsample(
     says (by default codec.plan_calls: like lengths together, within DECODE_FRAMES_PER_CALL), and the
     upsampler takes them all at once; a batch that still runs out of GPU memory is split in half and
     retried. The audio comes back through page-locked memory unless `pinned` is False (the bench's
-    baseline).
+    baseline). The thread sleeps while it waits for the GPU unless `spin` (transfers.spinning: a baseline).
     """
-    if getattr(getattr(decoder, "device", None), "type", None) == "cpu":
-        # The CPU gains little from batching, and a chunk decoded on its own always has the same
-        # shape, so its audio is the same to the last bit however the chunks finished.
-        clips = [
-            clip
-            for i in range(len(codes))
-            for clip in _decode_part(
-                decoder, upsampler, codes[i : i + 1], seeds[i : i + 1], _one_call, pinned
-            )
-        ]
-    else:
-        if plan is None:
-            bucketed = getattr(decoder, "bucketed", False)
-            plan = partial(plan_calls, budget=DECODE_FRAMES_PER_CALL, bucketed=bucketed)
-        clips = _decode_part(decoder, upsampler, list(codes), list(seeds), plan, pinned)
+    with transfers.spinning() if spin else contextlib.nullcontext():
+        if getattr(getattr(decoder, "device", None), "type", None) == "cpu":
+            # The CPU gains little from batching, and a chunk decoded on its own always has the same
+            # shape, so its audio is the same to the last bit however the chunks finished.
+            clips = [
+                clip
+                for i in range(len(codes))
+                for clip in _decode_part(
+                    decoder, upsampler, codes[i : i + 1], seeds[i : i + 1], _one_call, pinned
+                )
+            ]
+        else:
+            if plan is None:
+                bucketed = getattr(decoder, "bucketed", False)
+                plan = partial(plan_calls, budget=DECODE_FRAMES_PER_CALL, bucketed=bucketed)
+            clips = _decode_part(decoder, upsampler, list(codes), list(seeds), plan, pinned)
     return clips, [len(c) for c in clips]
 
 
@@ -1050,7 +1055,7 @@ def _decode_part(
                 rows[index] = audio[row, :length]
         audio = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # every chunk is in one call
         audio, lengths = upsampler(audio, [len(row) for row in rows])
-        host = to_host(audio.float()) if pinned else audio.float().cpu().numpy()
+        host = transfers.to_host(audio.float()) if pinned else audio.float().cpu().numpy()
     except torch.OutOfMemoryError:
         if len(codes) == 1:
             raise

@@ -10,15 +10,36 @@ that was spinning was not measured (RenderResult.decoder_cpu_s now tells).
 
 Here small host values go to the GPU through page-locked memory without waiting, and the decoder waits on an
 event made with blocking sync, which puts its thread to sleep until the GPU is done. The engine's own waits
-are untouched: they set its pace, and a sleeping thread wakes later than a spinning one.
+are untouched: they set its pace, and a sleeping thread wakes later than a spinning one. Within `spinning()`
+the copies and waits spin as before, for the bench's A/B (RenderOptions.decode_spins, novel-beside-spin).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 import numpy as np
 import torch
+
+_spinning: ContextVar[bool] = ContextVar("fastmaya_decoder_spins", default=False)
+
+
+@contextlib.contextmanager
+def spinning() -> Iterator[None]:
+    """On this thread, until the block ends, copy and wait as before this module: blocking copies from
+    pageable memory and stream syncs, which spin (the bench's baseline)."""
+    token = _spinning.set(True)
+    try:
+        yield
+    finally:
+        _spinning.reset(token)
+
+
+def spins() -> bool:
+    """Whether this thread is within `spinning()`."""
+    return _spinning.get()
 
 
 def to_device(
@@ -28,14 +49,16 @@ def to_device(
     nothing queued before it (PyTorch keeps the page-locked block until the copy is done)."""
     host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
     host = host.to(dtype)
-    if device.type != "cuda":
+    if device.type != "cuda" or spins():
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 
 
 def wait_for_gpu(device: torch.device) -> None:
     """Sleep until the work queued so far on `device`'s current stream is done (no-op off the GPU)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and spins():
+        torch.cuda.current_stream(device).synchronize()
+    elif device.type == "cuda":
         done = torch.cuda.Event(blocking=True)
         done.record(torch.cuda.current_stream(device))
         done.synchronize()
@@ -54,4 +77,4 @@ def to_host(tensor: torch.Tensor) -> np.ndarray:
 
 def is_true(flag: torch.Tensor) -> bool:
     """A one-element tensor's truth, read back from the GPU asleep rather than spinning."""
-    return bool(to_host(flag.reshape(1))[0])
+    return bool(flag) if spins() else bool(to_host(flag.reshape(1))[0])
