@@ -270,8 +270,8 @@ def test_render_reports_the_decoding_threads_cpu_seconds_not_its_wall(
 
     monkeypatch.setattr(render, "decode_and_upsample", waits_then_decodes)
     _, result = _render_two_sentences(tmp_path, scripted_options)
-    assert len(spent) == 2 and sum(spent) > 0  # a call a chunk on the CPU
-    assert sum(spent) <= result.decoder_cpu_s < sum(spent) + 0.5  # the sleeps (1 s in all) are not in it
+    assert spent and sum(spent) > 0  # one call or two, as the two chunks came back
+    assert sum(spent) <= result.decoder_cpu_s < sum(spent) + 0.5  # the sleeps (0.5 s a call) are not in it
 
 
 @pytest.mark.parametrize("spins", [False, True])
@@ -289,7 +289,7 @@ def test_the_decode_worker_spins_its_waits_only_for_the_benchs_baseline(
 
     monkeypatch.setattr(render, "decode_and_upsample", watched)
     _, result = _render_two_sentences(tmp_path, scripted_options, decode_spins=spins)
-    assert result.failed == 0 and asked == [spins, spins]  # a call a chunk on the CPU
+    assert result.failed == 0 and asked and set(asked) == {spins}
 
 
 @pytest.mark.parametrize("as_before", [False, True])
