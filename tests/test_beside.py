@@ -24,13 +24,16 @@ SCRIPTED = "fastmaya_cli.engines.scripted:ScriptedEngine"
 BOOK = "The tide came in. The boats lifted.\n\nGulls rose over the harbour. Nobody spoke.\n"
 
 
-def _render(renderer: render.Renderer, tmp_path, name: str) -> tuple[np.ndarray, int]:
+def _render_result(renderer: render.Renderer, tmp_path, name: str) -> render.RenderResult:
     book = tmp_path / "book.txt"
     book.write_text(BOOK)
-    output = tmp_path / f"{name}.flac"
-    result = renderer.render(book, OutputSpec(path=output, format="flac", loudness="off"))
+    result = renderer.render(book, OutputSpec(path=tmp_path / f"{name}.flac", format="flac", loudness="off"))
     assert result.failed == 0
-    audio, rate = sf.read(output, dtype="float32")
+    return result
+
+
+def _render(renderer: render.Renderer, tmp_path, name: str) -> tuple[np.ndarray, int]:
+    audio, rate = sf.read(_render_result(renderer, tmp_path, name).output, dtype="float32")
     return audio, rate
 
 
@@ -303,11 +306,8 @@ def test_the_renderer_hands_its_decode_sms_to_the_decoder_beside_the_engine(
         monkeypatch.setattr(render.DecodeQueue, "generating", property(lambda self, g=generating: g))
         asked.clear()
         renderer = render.Renderer(options, Progress("none"), engine=ScriptedEngine())
-        book = tmp_path / "book.txt"
-        book.write_text(BOOK)
-        output = tmp_path / f"beside-{generating}.flac"
-        result = renderer.render(book, OutputSpec(path=output, format="flac", loudness="off"))
-        assert result.failed == 0 and sf.info(str(output)).samplerate == 48_000
+        result = _render_result(renderer, tmp_path, f"beside-{generating}")
+        assert sf.info(str(result.output)).samplerate == 48_000
         assert asked and set(asked) == {expected}
         assert renderer._decoder is None  # nothing decoded in the renderer's process
         # The render reports the worker's decoding thread's CPU seconds, not its own thread's.
@@ -317,10 +317,7 @@ def test_the_renderer_hands_its_decode_sms_to_the_decoder_beside_the_engine(
     spinning = render.Renderer(
         dataclasses.replace(options, decode_spins=True), Progress("none"), engine=ScriptedEngine()
     )
-    assert (
-        spinning.render(tmp_path / "book.txt", OutputSpec(path=tmp_path / "spun.flac", format="flac")).failed
-        == 0
-    )
+    _render_result(spinning, tmp_path, "spun")
     assert spun and set(spun) == {True}
 
 

@@ -47,8 +47,7 @@ def to_device(
 ) -> torch.Tensor:
     """`values` as a tensor on `device`. To a GPU through page-locked memory, so that the copy waits for
     nothing queued before it (PyTorch keeps the page-locked block until the copy is done)."""
-    host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
-    host = host.to(dtype)
+    host = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda" or spins():
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
