@@ -244,8 +244,8 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
         "beside-sms48",
         "half",
         "stand-in",
-        "spin",
-        "beside-spin",
+        "sleep",
+        "beside-sleep",
     }
     for variant, change in bench.NOVEL_VARIANTS.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
@@ -256,9 +256,9 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
 def test_the_engines_worker_loads_a_decoder_only_for_a_stage_that_decodes_beside_it():
     assert bench.decodes_beside_in_some_stage(["novel-llm", "novel-beside", "novel"])
     assert bench.decodes_beside_in_some_stage(["novel-beside-sms32"])
-    assert bench.decodes_beside_in_some_stage(["novel-beside-spin"])
+    assert bench.decodes_beside_in_some_stage(["novel-beside-sleep"])
     assert not bench.decodes_beside_in_some_stage(
-        ["novel-llm", "novel", "novel-half", "novel-stand-in", "novel-spin", "llm"]
+        ["novel-llm", "novel", "novel-half", "novel-stand-in", "novel-sleep", "llm"]
     )
 
 

@@ -257,28 +257,28 @@ def test_a_decode_call_asks_the_worker_for_the_sms_the_render_keeps_for_the_deco
         received.append(theirs.recv())
         theirs.send(("error", "only listening"))
 
-    for sms, spin in ((24, False), (None, True)):
+    for sms, sleep in ((24, False), (None, True)):
         threading.Thread(target=worker).start()
         with pytest.raises(RuntimeFailure, match="only listening"):
-            remote.decode([random_codes(2, np.random.default_rng(0))], [0], sms=sms, spin=spin)
+            remote.decode([random_codes(2, np.random.default_rng(0))], [0], sms=sms, sleep=sleep)
     assert [message[3:] for message in received] == [(24, False), (None, True)]
 
 
-def test_the_decoder_service_spins_only_for_the_calls_that_ask(tiny_snac, monkeypatch):
-    """The bench's novel-beside-spin: the worker decodes the calls that ask with its waits spinning."""
+def test_the_decoder_service_sleeps_only_for_the_calls_that_ask(tiny_snac, monkeypatch):
+    """The bench's novel-beside-sleep: the worker decodes the calls that ask with its waits sleeping."""
     asked: list[bool] = []
     real = render.decode_and_upsample
 
-    def watched(*args, spin=False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        asked.append(spin)
-        return real(*args, spin=spin, **kwargs)
+    def watched(*args, sleep=False, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        asked.append(sleep)
+        return real(*args, sleep=sleep, **kwargs)
 
     monkeypatch.setattr(render, "decode_and_upsample", watched)
     ours, theirs = multiprocessing.Pipe()
     _service(tiny_snac, theirs)
     remote = beside.RemoteDecoder(ours, "cpu")
     codes = [random_codes(2, np.random.default_rng(0))]
-    assert len(remote.decode(codes, [0], spin=True)[0]) == len(remote.decode(codes, [0])[0]) == 2 * 2048
+    assert len(remote.decode(codes, [0], sleep=True)[0]) == len(remote.decode(codes, [0])[0]) == 2 * 2048
     assert asked == [True, False]
     ours.close()
 
@@ -287,15 +287,15 @@ def test_the_renderer_hands_its_decode_sms_to_the_decoder_beside_the_engine(
     scripted_options, tmp_path, monkeypatch
 ):
     asked: list[int | None] = []
-    spun: list[bool] = []
+    slept: list[bool] = []
 
     class Beside:
         frames_decoded = frames_computed = 0
         cpu_s = 0.0
 
-        def decode(self, codes, seeds, sms=None, spin=False):  # noqa: ANN001, ANN202
+        def decode(self, codes, seeds, sms=None, sleep=False):  # noqa: ANN001, ANN202
             asked.append(sms)
-            spun.append(spin)
+            slept.append(sleep)
             self.cpu_s += 0.25  # the worker's decoding thread, as its replies tell
             return [np.zeros(c.frames * 4096, dtype=np.float32) for c in codes]  # 48 kHz
 
@@ -312,13 +312,13 @@ def test_the_renderer_hands_its_decode_sms_to_the_decoder_beside_the_engine(
         assert renderer._decoder is None  # nothing decoded in the renderer's process
         # The render reports the worker's decoding thread's CPU seconds, not its own thread's.
         assert result.decoder_cpu_s == pytest.approx(0.25 * len(asked))
-    assert spun and set(spun) == {False}  # the decoder's waits sleep unless the bench's baseline asks
-    spun.clear()
-    spinning = render.Renderer(
-        dataclasses.replace(options, decode_spins=True), Progress("none"), engine=ScriptedEngine()
+    assert slept and set(slept) == {False}  # the decoder's waits sleep only when the bench's candidate asks
+    slept.clear()
+    sleeping = render.Renderer(
+        dataclasses.replace(options, decode_sleeps=True), Progress("none"), engine=ScriptedEngine()
     )
-    _render_result(spinning, tmp_path, "spun")
-    assert spun and set(spun) == {True}
+    _render_result(sleeping, tmp_path, "slept")
+    assert slept and set(slept) == {True}
 
 
 def test_the_decode_queue_knows_while_chunks_are_still_to_come():

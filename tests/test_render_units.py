@@ -274,22 +274,22 @@ def test_render_reports_the_decoding_threads_cpu_seconds_not_its_wall(
     assert sum(spent) <= result.decoder_cpu_s < sum(spent) + 0.5  # the sleeps (0.5 s a call) are not in it
 
 
-@pytest.mark.parametrize("spins", [False, True])
-def test_the_decode_worker_spins_its_waits_only_for_the_benchs_baseline(
-    scripted_options, tmp_path, monkeypatch, spins
+@pytest.mark.parametrize("sleeps", [False, True])
+def test_the_decode_worker_sleeps_in_its_waits_only_for_the_benchs_candidate(
+    scripted_options, tmp_path, monkeypatch, sleeps
 ):
     from fastmaya_cli import render
 
     real = render.decode_and_upsample
     asked: list[bool] = []
 
-    def watched(*args, spin=False, **kwargs):
-        asked.append(spin)
-        return real(*args, spin=spin, **kwargs)
+    def watched(*args, sleep=False, **kwargs):
+        asked.append(sleep)
+        return real(*args, sleep=sleep, **kwargs)
 
     monkeypatch.setattr(render, "decode_and_upsample", watched)
-    _, result = _render_two_sentences(tmp_path, scripted_options, decode_spins=spins)
-    assert result.failed == 0 and asked and set(asked) == {spins}
+    _, result = _render_two_sentences(tmp_path, scripted_options, decode_sleeps=sleeps)
+    assert result.failed == 0 and asked and set(asked) == {sleeps}
 
 
 @pytest.mark.parametrize("as_before", [False, True])

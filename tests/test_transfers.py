@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import torch
 
-from fastmaya_cli.transfers import is_true, spinning, spins, to_device, to_host, wait_for_gpu
+from fastmaya_cli.transfers import is_true, sleeping, sleeps, to_device, to_host, wait_for_gpu
 
 
 def test_values_reach_the_device_with_their_dtype():
@@ -27,25 +27,25 @@ def test_host_copies_and_flags_read_back_what_the_tensor_holds():
     assert is_true(torch.tensor(True)) and not is_true(torch.tensor([False]))
 
 
-def test_spinning_holds_for_this_thread_and_this_block_only():
+def test_sleeping_holds_for_this_thread_and_this_block_only():
     seen_elsewhere = []
-    assert not spins()
-    with spinning():
-        assert spins()
-        other = threading.Thread(target=lambda: seen_elsewhere.append(spins()))
+    assert not sleeps()
+    with sleeping():
+        assert sleeps()
+        other = threading.Thread(target=lambda: seen_elsewhere.append(sleeps()))
         other.start()
         other.join()
         assert to_device([1, 2], torch.device("cpu")).tolist() == [1, 2]  # the same values either way
-    assert not spins() and seen_elsewhere == [False]
+    assert not sleeps() and seen_elsewhere == [False]
     try:
-        with spinning():
+        with sleeping():
             raise KeyError("a failing decode call")
     except KeyError:
         pass
-    assert not spins()  # a call that fails does not leave its thread spinning
+    assert not sleeps()  # a call that fails does not leave its thread sleeping
 
 
-def test_decode_and_upsample_spins_only_when_asked(tiny_snac, monkeypatch):
+def test_decode_and_upsample_sleeps_only_when_asked(tiny_snac, monkeypatch):
     from fastmaya_cli import render
     from fastmaya_cli.codec import SnacDecoder, random_codes
     from fastmaya_cli.upsample import PassThrough
@@ -55,12 +55,12 @@ def test_decode_and_upsample_spins_only_when_asked(tiny_snac, monkeypatch):
     during: list[bool] = []
 
     def watched(*args, **kwargs):
-        during.append(spins())
+        during.append(sleeps())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(render, "_decode_part", watched)
     codes = [random_codes(3, np.random.default_rng(1))]
-    sleeping, _ = render.decode_and_upsample(decoder, PassThrough(), codes, seeds=[7])
-    spun, _ = render.decode_and_upsample(decoder, PassThrough(), codes, seeds=[7], spin=True)
-    assert during == [False, True] and not spins()
-    np.testing.assert_array_equal(sleeping[0], spun[0])
+    spun, _ = render.decode_and_upsample(decoder, PassThrough(), codes, seeds=[7])
+    slept, _ = render.decode_and_upsample(decoder, PassThrough(), codes, seeds=[7], sleep=True)
+    assert during == [False, True] and not sleeps()
+    np.testing.assert_array_equal(slept[0], spun[0])

@@ -58,10 +58,10 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     # Not working yet: its first render (sms32) failed in cuBLAS inside the engine's worker (run Z6). cuBLAS is
     # now told the SMs it has (green.limit_blas_to_sms), which has not yet run on a GPU.
     **{f"beside-sms{n}": {"decode_beside": True, "decode_sms": n} for n in (16, 24, 32, 48)},
-    # Baselines: the decoder's copies and waits spin a CPU core, as before transfers.py made them sleep
-    # (RenderOptions.decode_spins), in the renderer's process and beside the engine.
-    "spin": {"decode_spins": True},
-    "beside-spin": {"decode_beside": True, "decode_spins": True},
+    # Candidate: the decoder's waits for the GPU sleep instead of spinning a CPU core (transfers.sleeping,
+    # RenderOptions.decode_sleeps), in the renderer's process and beside the engine. Not yet run on a GPU.
+    "sleep": {"decode_sleeps": True},
+    "beside-sleep": {"decode_beside": True, "decode_sleeps": True},
     # Candidate: SNAC in float16 (codec.SnacDecoder's `half`), with a decoder of its own in the renderer's
     # process. For decoding beside the engine in float16, --codec-half makes every stage's decoder so.
     "half": {"codec_half": True},

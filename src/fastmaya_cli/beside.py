@@ -241,12 +241,12 @@ class DecoderService:
             )
 
         def decode(
-            codes: list[maya1.Codes], seeds: list[int], sms: int | None = None, spin: bool = False
+            codes: list[maya1.Codes], seeds: list[int], sms: int | None = None, sleep: bool = False
         ) -> DecodedCall:
             decoded, computed = decoder.frames_decoded, decoder.frames_computed
             chosen = streams.stream(sms) if streams is not None else None  # a CPU has no SMs to keep apart
             with torch.cuda.stream(chosen) if chosen is not None else contextlib.nullcontext():
-                clips, _ = decode_and_upsample(decoder, upsampler, codes, seeds=seeds, spin=spin)
+                clips, _ = decode_and_upsample(decoder, upsampler, codes, seeds=seeds, sleep=sleep)
             return DecodedCall(clips, decoder.frames_decoded - decoded, decoder.frames_computed - computed)
 
         if cuda and spec.warm:
@@ -312,12 +312,12 @@ class RemoteDecoder:
         return dict(self._ask()[1])
 
     def decode(
-        self, codes: Sequence[maya1.Codes], seeds: Sequence[int], sms: int | None = None, spin: bool = False
+        self, codes: Sequence[maya1.Codes], seeds: Sequence[int], sms: int | None = None, sleep: bool = False
     ) -> list[np.ndarray]:
         """Each chunk's audio at the output rate, as decode_and_upsample returns it; with `sms`, decoded on
-        that many of the GPU's SMs (DecodeStreams); with `spin`, its waits spin (the bench's baseline)."""
+        that many of the GPU's SMs (DecodeStreams); with `sleep`, its waits for the GPU sleep (a candidate)."""
         with self._lock:
-            self._request(("decode", list(codes), list(seeds), sms, spin))
+            self._request(("decode", list(codes), list(seeds), sms, sleep))
             _, path, lengths, decoded, computed, cpu_s = self._reply("audio")
             view = np.frombuffer(self._mapped(path), dtype=np.float32)
             ends = np.cumsum([0, *lengths])

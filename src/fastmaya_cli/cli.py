@@ -486,8 +486,8 @@ def bench(
             "green context; failed in cuBLAS in its first render, run Z6); novel-half (GPU): the novel with "
             "SNAC in float16 (a decoder of its own); novel-stand-in (GPU): the novel with each chunk's audio "
             "made on the CPU instead of decoded, a probe of what all but the decoder's GPU work costs; "
-            "novel-spin, novel-beside-spin (GPU): the novel with the decoder's waits for the GPU spinning a "
-            "core as before they slept (a baseline for novel and novel-beside); and "
+            "novel-sleep, novel-beside-sleep (GPU): the novel with the decoder's waits for the GPU sleeping "
+            "instead of spinning a core (candidates against novel and novel-beside); and "
             "novel-llm-shared-cores, novel-shared-cores (GPU): the novel with no core kept for the engine's "
             "scheduler thread."
         ),

@@ -123,9 +123,10 @@ class RenderOptions:
     # (stand_in_audio), not decoded, so a render shows what everything but the decoder's GPU work costs
     # generation. The assembler, loudness and encoders get audio as long as SNAC's would be.
     decode_stand_in: bool = False
-    # A bench baseline, never a render option: the decoder's copies and waits spin a CPU core as they did
-    # before transfers.py, for an A/B with the sleeping ones in one run (novel-spin, novel-beside-spin).
-    decode_spins: bool = False
+    # A candidate the bench measures (novel-sleep, novel-beside-sleep), not yet a render option: the decoder's
+    # copies to the GPU do not wait, and its waits for the GPU sleep instead of spinning a CPU core
+    # (transfers.sleeping). Not yet run on a GPU.
+    decode_sleeps: bool = False
     preview: int | None = None
     normalize: bool = True
     encoding: str = "utf-8"
@@ -168,8 +169,8 @@ class RenderResult:
     lane_busy_s: dict[str, float] = field(default_factory=dict)  # AssemblyResult.lane_busy_s
     early_parts: dict[str, int] = field(default_factory=dict)  # AssemblyResult.early_parts
     snac_padding: float = 0.0  # frames SNAC computed over the frames it decoded (1: no padding)
-    # CPU seconds of the thread that ran SNAC and the upsampler, in its calls (beside the engine: the worker's).
-    # Waiting for the GPU it sleeps (transfers.py), so this is the decoder's own work on the CPU.
+    # CPU seconds of the thread that ran SNAC and the upsampler, in its calls (beside the engine: the worker's),
+    # its waits for the GPU included: they spin, unless RenderOptions.decode_sleeps.
     decoder_cpu_s: float = 0.0
     loudness: LoudnessReport | None = None  # AssemblyResult.loudness
     early: tuple[EarlyPart, ...] = ()  # AssemblyResult.early
@@ -894,7 +895,7 @@ class DecodeWorker:
             # Once the engine is done, the decoder has the whole GPU to itself for what is left.
             sms = self.renderer.options.decode_sms if self.tracker.generating else None
             cpu = beside.cpu_s
-            clips = beside.decode(codes, seeds, sms=sms, spin=self.renderer.options.decode_spins)
+            clips = beside.decode(codes, seeds, sms=sms, sleep=self.renderer.options.decode_sleeps)
             self.decoder_cpu_s += beside.cpu_s - cpu
         else:
             cpu = time.thread_time()
@@ -904,7 +905,7 @@ class DecodeWorker:
                     self.renderer.upsampler,
                     codes,
                     seeds=seeds,
-                    spin=self.renderer.options.decode_spins,
+                    sleep=self.renderer.options.decode_sleeps,
                     **(DECODE_AS_BEFORE if self.renderer.options.decode_as_before else {}),
                 )
             self.decoder_cpu_s += time.thread_time() - cpu
@@ -981,7 +982,7 @@ def decode_and_upsample(
     seeds: Sequence[int],
     plan: CallPlanner | None = None,
     pinned: bool = True,
-    spin: bool = False,
+    sleep: bool = False,
 ) -> tuple[list[np.ndarray], list[int]]:
     """Chunks through SNAC and the upsampler, split back into per-chunk float32 arrays.
 
@@ -989,9 +990,9 @@ def decode_and_upsample(
     says (by default codec.plan_calls: like lengths together, within DECODE_FRAMES_PER_CALL), and the
     upsampler takes them all at once; a batch that still runs out of GPU memory is split in half and
     retried. The audio comes back through page-locked memory unless `pinned` is False (the bench's
-    baseline). The thread sleeps while it waits for the GPU unless `spin` (transfers.spinning: a baseline).
+    baseline). With `sleep` the thread sleeps while it waits for the GPU (transfers.sleeping: a candidate).
     """
-    with transfers.spinning() if spin else contextlib.nullcontext():
+    with transfers.sleeping() if sleep else contextlib.nullcontext():
         if getattr(getattr(decoder, "device", None), "type", None) == "cpu":
             # The CPU gains little from batching, and a chunk decoded on its own always has the same
             # shape, so its audio is the same to the last bit however the chunks finished.

@@ -253,11 +253,11 @@ def test_decoding_on_cuda_gives_each_chunk_the_same_audio_however_the_calls_are_
         assert peak > 1e-3 and float(np.abs(clip - reference).max()) < 1e-3 * peak
 
 
-def test_the_decoder_sleeps_rather_than_spins_while_the_gpu_works():
-    """transfers.py: a decode call with the GPU's work queued ahead of it (as behind the engine's) copies its
+def test_the_decoder_sleeps_rather_than_spins_while_the_gpu_works_when_asked():
+    """transfers.sleeping: a decode call with the GPU's work queued ahead of it (as behind the engine's) copies its
     codes and waits for SNAC and the upsampler asleep, so its thread's CPU time is a small part of its wall.
-    A blocking copy from pageable memory, or a stream sync, spins the thread for all of that wait, as the
-    bench's baseline (spin=True) still does."""
+    By default (sleep=False) a blocking copy from pageable memory, or a stream sync, spins the thread for all
+    of that wait."""
     import time
 
     import torch
@@ -277,16 +277,16 @@ def test_the_decoder_sleeps_rather_than_spins_while_the_gpu_works():
     torch.cuda.synchronize()
     x = torch.randn(8192, 8192, device="cuda")
     shares = {}
-    for spin in (False, True):  # True: the bench's baseline (novel-spin), which must really spin
+    for sleep in (True, False):  # False: as by default, which must really spin
         for _ in range(100):  # about 2 s of float32 products queued ahead of the call
             x = x @ x / 8192**0.5
         wall, cpu = time.perf_counter(), time.thread_time()
-        clips, lengths = decode_and_upsample(decoder, upsampler, chunks, seeds=seeds, spin=spin)
+        clips, lengths = decode_and_upsample(decoder, upsampler, chunks, seeds=seeds, sleep=sleep)
         wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
         assert lengths == [c.frames * 2048 * 2 for c in chunks] and len(clips) == len(chunks)
         assert wall > 0.5, wall
-        shares[spin] = cpu / wall
-    assert shares[False] < 0.3 and shares[True] > 0.7, shares
+        shares[sleep] = cpu / wall
+    assert shares[True] < 0.3 and shares[False] > 0.7, shares
 
 
 def test_a_green_context_stream_keeps_to_its_sms_and_computes_what_the_default_stream_does():
