@@ -246,6 +246,7 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
         "stand-in",
         "sleep",
         "beside-sleep",
+        "beside-sms32-sleep",
     }
     for variant, change in bench.NOVEL_VARIANTS.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES
@@ -257,6 +258,7 @@ def test_the_engines_worker_loads_a_decoder_only_for_a_stage_that_decodes_beside
     assert bench.decodes_beside_in_some_stage(["novel-llm", "novel-beside", "novel"])
     assert bench.decodes_beside_in_some_stage(["novel-beside-sms32"])
     assert bench.decodes_beside_in_some_stage(["novel-beside-sleep"])
+    assert bench.decodes_beside_in_some_stage(["novel-beside-sms32-sleep"])
     assert not bench.decodes_beside_in_some_stage(
         ["novel-llm", "novel", "novel-half", "novel-stand-in", "novel-sleep", "llm"]
     )

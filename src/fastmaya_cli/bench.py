@@ -62,6 +62,8 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     # RenderOptions.decode_sleeps), in the renderer's process and beside the engine. Not yet run on a GPU.
     "sleep": {"decode_sleeps": True},
     "beside-sleep": {"decode_beside": True, "decode_sleeps": True},
+    # Candidate: both of the above, the decoder beside the engine on 32 SMs with sleeping waits.
+    "beside-sms32-sleep": {"decode_beside": True, "decode_sms": 32, "decode_sleeps": True},
     # Candidate: SNAC in float16 (codec.SnacDecoder's `half`), with a decoder of its own in the renderer's
     # process. For decoding beside the engine in float16, --codec-half makes every stage's decoder so.
     "half": {"codec_half": True},
