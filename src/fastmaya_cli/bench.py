@@ -55,11 +55,12 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     # decoder too, so every stage has a little less KV cache.
     "beside": {"decode_beside": True},
     # Candidate: the same, with the decoder's kernels kept on N of the GPU's SMs (RenderOptions.decode_sms).
-    # Not working yet: its first render (sms32) failed in cuBLAS inside the engine's worker (run Z6). cuBLAS is
-    # now told the SMs it has (green.limit_blas_to_sms), which has not yet run on a GPU.
+    # Its first render (sms32) failed in cuBLAS inside the engine's worker (run Z6); with cuBLAS told the SMs it
+    # has (green.limit_blas_to_sms), two whole-novel renders on 32 SMs finished (run AA1).
     **{f"beside-sms{n}": {"decode_beside": True, "decode_sms": n} for n in (16, 24, 32, 48)},
     # Candidate: the decoder's waits for the GPU sleep instead of spinning a CPU core (transfers.sleeping,
-    # RenderOptions.decode_sleeps), in the renderer's process and beside the engine. Not yet run on a GPU.
+    # RenderOptions.decode_sleeps), in the renderer's process and beside the engine. Beside the engine on 32
+    # SMs it cut the decoder's CPU time 3.5x (run AA1); in the renderer's process not yet run on a GPU.
     "sleep": {"decode_sleeps": True},
     "beside-sleep": {"decode_beside": True, "decode_sleeps": True},
     # Candidate: both of the above, the decoder beside the engine on 32 SMs with sleeping waits.

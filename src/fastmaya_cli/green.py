@@ -119,9 +119,10 @@ def limit_blas_to_sms(sms: int, device_index: int = 0) -> None:
     """Size cuBLAS's kernels on this thread, for the device, for `sms` SMs (0: all of them again).
 
     cuBLAS sizes some GEMM kernels for the whole device, and a GEMM on a green context's stream of 32 SMs
-    failed in a render (CUBLAS_STATUS_EXECUTION_FAILED, BENCHMARKS.md run Z6); that this was the cause is
-    likely, not yet shown on a GPU. PyTorch keeps one cuBLAS handle for each thread and device, so the
-    limit stays with the thread that sets it.
+    failed in a render (CUBLAS_STATUS_EXECUTION_FAILED, BENCHMARKS.md run Z6). With this limit two renders
+    of the whole novel on 32 SMs finished (run AA1), which shows the path runs, not that this was the cause.
+    PyTorch keeps one cuBLAS handle for each thread and device, so the limit stays with the thread that
+    sets it.
     """
     import torch
 

@@ -116,8 +116,9 @@ class RenderOptions:
     # A candidate the bench measures (novel-beside-smsN), not yet a render option: decoding beside the
     # engine, keep the decoder's kernels on this many of the GPU's SMs (a CUDA green context, green.py), so
     # that the engine's kernels always find the others free; on all of them once the engine is done. None:
-    # on all of them. Only beside the engine. Its first render failed in cuBLAS (BENCHMARKS.md run Z6); the
-    # decoder now tells cuBLAS how many SMs it has (green.limit_blas_to_sms), not yet run on a GPU.
+    # on all of them. Only beside the engine. Its first render failed in cuBLAS (BENCHMARKS.md run Z6); since
+    # the decoder tells cuBLAS how many SMs it has (green.limit_blas_to_sms), whole-novel renders on 32 SMs
+    # finish, at 0.811 to 0.867 of LLM only (run AA1; 0.9 is the target).
     decode_sms: int | None = None
     # A bench probe, never a render option: each chunk's audio is a stand-in of its length made on the CPU
     # (stand_in_audio), not decoded, so a render shows what everything but the decoder's GPU work costs
@@ -125,7 +126,8 @@ class RenderOptions:
     decode_stand_in: bool = False
     # A candidate the bench measures (novel-sleep, novel-beside-sleep), not yet a render option: the decoder's
     # copies to the GPU do not wait, and its waits for the GPU sleep instead of spinning a CPU core
-    # (transfers.sleeping). Not yet run on a GPU.
+    # (transfers.sleeping). Beside the engine on 32 SMs it cut the decoder thread's CPU time from 157.7 to 45.3 s
+    # for the novel (BENCHMARKS.md run AA1); in this process not yet run on a GPU.
     decode_sleeps: bool = False
     preview: int | None = None
     normalize: bool = True

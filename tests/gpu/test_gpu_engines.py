@@ -254,36 +254,44 @@ def test_decoding_on_cuda_gives_each_chunk_the_same_audio_however_the_calls_are_
 
 
 def test_the_decoder_sleeps_rather_than_spins_while_the_gpu_works_when_asked():
-    """transfers.sleeping: a decode call with the GPU's work queued ahead of it (as behind the engine's) copies its
+    """transfers.sleeping: a decode call with the GPU busy ahead of it (as behind the engine's work) copies its
     codes and waits for SNAC and the upsampler asleep, so its thread's CPU time is a small part of its wall.
     By default (sleep=False) a blocking copy from pageable memory, or a stream sync, spins the thread for all
-    of that wait."""
+    of that wait.
+
+    The work ahead is one kernel that keeps the GPU busy for about a second (torch.cuda._sleep), and the call
+    is small. In the first form of this test (run AA1, BENCHMARKS.md) the work ahead was a hundred large
+    products and the call a render's largest, and the sleeping call still used 0.95 of its wall; most likely
+    (not measured) because a thread that launches more kernels than CUDA's launch queue holds waits in the
+    launch, sleeping or not."""
     import time
 
+    import numpy as np
     import torch
 
     from fastmaya_cli.checkpoints import random_snac
     from fastmaya_cli.codec import SnacDecoder
-    from fastmaya_cli.render import decode_and_upsample, warm_up_batches
+    from fastmaya_cli.maya1 import Codes
+    from fastmaya_cli.render import decode_and_upsample
     from fastmaya_cli.speechsr import SpeechSR48k, SpeechSRCheckpoint
     from fastmaya_cli.upsample import speechsr_upsampler
 
     decoder = SnacDecoder(random_snac(Path("/tmp/fastmaya-gpu-tests"), tiny=False), "cuda")
     generator = SpeechSR48k(SpeechSRCheckpoint())  # random weights: loud enough for the peak limiter too
     upsampler = speechsr_upsampler(generator, device=torch.device("cuda"), dtype=None, compile=True)
-    chunks = warm_up_batches(16, 2048)[1]
-    seeds = list(range(len(chunks)))
-    decode_and_upsample(decoder, upsampler, chunks, seeds=seeds)  # kernels compiled and chosen
+    rng = np.random.default_rng(5)
+    chunks = [Codes(*(rng.integers(0, 4096, f * n) for n in (1, 2, 4))) for f in (40, 60)]
+    seeds = [1, 2]
+    expected, _ = decode_and_upsample(decoder, upsampler, chunks, seeds=seeds)  # kernels chosen
     torch.cuda.synchronize()
-    x = torch.randn(8192, 8192, device="cuda")
     shares = {}
     for sleep in (True, False):  # False: as by default, which must really spin
-        for _ in range(100):  # about 2 s of float32 products queued ahead of the call
-            x = x @ x / 8192**0.5
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock cycles ahead of the call
         wall, cpu = time.perf_counter(), time.thread_time()
         clips, lengths = decode_and_upsample(decoder, upsampler, chunks, seeds=seeds, sleep=sleep)
         wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-        assert lengths == [c.frames * 2048 * 2 for c in chunks] and len(clips) == len(chunks)
+        assert lengths == [c.frames * 2048 * 2 for c in chunks]
+        assert all(_signal_to_error_db(b, a) > 100 for a, b in zip(clips, expected, strict=True))
         assert wall > 0.5, wall
         shares[sleep] = cpu / wall
     assert shares[True] < 0.3 and shares[False] > 0.7, shares
@@ -302,6 +310,16 @@ def test_a_green_context_stream_keeps_to_its_sms_and_computes_what_the_default_s
         got = x @ x
     made.stream.synchronize()
     assert torch.equal(got, expected)
+
+
+def _signal_to_error_db(expected, got) -> float:  # noqa: ANN001 - numpy arrays
+    """How far `got` is from `expected`, as signal to error in dB (inf when equal). On fewer SMs cuBLAS picks
+    other kernels for SNAC's TF32 products, which round differently: up to 8.4e-4 of the peak apart on 16 SMs
+    in run AA1, where TF32 against float32 products is 61 dB (run K1)."""
+    import numpy as np
+
+    error = float(np.mean((got - expected) ** 2))
+    return math.inf if error == 0 else 10 * math.log10(float(np.mean(expected**2)) / error)
 
 
 @contextlib.contextmanager
@@ -336,9 +354,8 @@ def test_the_decoder_beside_the_engine_decodes_the_same_audio_on_a_few_sms_as_on
         on_16 = remote.decode(chunks, [1, 2, 3], sms=16)
         again = remote.decode(chunks, [1, 2, 3])
     for a, b, c in zip(everywhere, on_16, again, strict=True):
-        peak = float(np.abs(a).max())
-        assert peak > 1e-3 and len(a) == len(b) == len(c)
-        assert float(np.abs(b - a).max()) < 1e-4 * peak and float(np.abs(c - a).max()) < 1e-4 * peak
+        assert float(np.abs(a).max()) > 1e-3 and len(a) == len(b) == len(c)
+        assert _signal_to_error_db(a, b) > 50 and _signal_to_error_db(a, c) > 50
 
 
 def test_the_decoder_beside_the_engine_decodes_render_sized_calls_on_32_sms():
@@ -356,5 +373,4 @@ def test_the_decoder_beside_the_engine_decodes_render_sized_calls_on_32_sms():
             on_32 = remote.decode(chunks, seeds, sms=32)
             assert len(everywhere) == len(on_32) == 16
             for a, b in zip(everywhere, on_32, strict=True):
-                peak = float(np.abs(a).max())
-                assert peak > 1e-3 and len(a) == len(b) and float(np.abs(b - a).max()) < 1e-4 * peak
+                assert float(np.abs(a).max()) > 1e-3 and len(a) == len(b) and _signal_to_error_db(a, b) > 50
