@@ -512,6 +512,36 @@ def test_a_bench_that_finishes_names_no_failure_and_no_stage_in_progress(tmp_pat
     assert "failed" not in report and "running" not in report and len(report["stages"]) == 1
 
 
+def test_each_stage_is_written_as_it_is_measured_so_a_bench_cut_off_keeps_it(tmp_path, monkeypatch):
+    """Run AA1: the machine was taken back during the fifth stage, and the bench, killed, wrote no JSON."""
+    report_path = tmp_path / "bench.json"
+    seen_mid_run = []
+
+    def run(opts, report):  # noqa: ANN001, ANN202
+        report.update(device="Fake GPU", gpus=1)
+        for stage, wall in (("llm-novel", 248.43), ("render-novel-beside-sms32-sleep", 266.78)):
+            report["running"] = stage
+            bench.record_stage(
+                report, StageResult(stage, "lmdeploy", 4312, 4_047_330, 49_338.9, wall, 70.0), opts.json_out
+            )
+            seen_mid_run.append(json.loads(report_path.read_text()))  # what a kill here would leave
+        report["running"] = "llm-novel"
+
+    monkeypatch.setattr(bench, "_run_gpu_stages", run)
+    args = ["bench", "--stages", "novel-llm,novel-beside-sms32-sleep", "--json", str(report_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    first, second = seen_mid_run
+    assert [row["stage"] for row in first["stages"]] == ["llm-novel"]
+    assert [row["stage"] for row in second["stages"]] == ["llm-novel", "render-novel-beside-sms32-sleep"]
+    assert second["stages"][1]["audio_s_per_s"] == pytest.approx(184.9, abs=0.1)
+    assert first["partial"] is second["partial"] is True and first["device"] == "Fake GPU"
+    assert "running" not in first and "running" not in second
+    final = json.loads(report_path.read_text())
+    assert "partial" not in final and len(final["stages"]) == 2
+    assert list(tmp_path.iterdir()) == [report_path]  # written through a temporary file, none left behind
+
+
 def test_a_candidate_render_that_fails_is_noted_and_the_bench_goes_on(tmp_path, monkeypatch):
     """In an A/B, a failing candidate (run Z6's novel-beside-sms32) no longer costs the passes after it."""
     from fastmaya_cli.errors import RuntimeFailure

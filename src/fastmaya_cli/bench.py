@@ -760,7 +760,32 @@ def _error_text(error: BaseException) -> str:
 def _report(report: dict, opts: BenchOptions) -> None:
     _print_table(report)
     if opts.json_out:
-        opts.json_out.write_text(json.dumps(report, indent=2))
+        _write_json(opts.json_out, report)
+
+
+# The key that marks a report written while the bench still runs. A bench whose machine is taken back
+# mid-run is killed before it can write its report (run AA1 left only printed lines); this one, rewritten
+# after each stage, keeps what was measured.
+PARTIAL = "partial"
+
+
+def record_stage(report: dict, result: StageResult, json_out: Path | None) -> None:
+    """Add a measured stage to `report`, print its row, and write the report so far to `json_out`, marked
+    PARTIAL (the bench's last write, when it ends, is the whole report without the mark)."""
+    report["stages"].append(result.row())
+    if result.trace is not None:
+        report.setdefault("traces", []).append({"stage": result.stage, **result.trace})
+    print(json.dumps(result.row()), flush=True)
+    if json_out:
+        so_far = {key: value for key, value in report.items() if key != RUNNING}
+        _write_json(json_out, {**so_far, PARTIAL: True})
+
+
+def _write_json(path: Path, report: dict) -> None:
+    """Write `report` whole or not at all: a reader, or a bench killed mid-write, never sees half a file."""
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, path)
 
 
 def _add_finish(report: dict, opts: BenchOptions) -> None:
@@ -849,10 +874,7 @@ def _run_gpu_stages(opts: BenchOptions, report: dict) -> None:
 
     def emit(result: StageResult) -> None:
         stages.append(result)
-        report["stages"].append(result.row())
-        if result.trace is not None:
-            report.setdefault("traces", []).append({"stage": result.stage, **result.trace})
-        print(json.dumps(result.row()), flush=True)
+        record_stage(report, result, opts.json_out)
 
     if "hf" in opts.stages:
         report[RUNNING] = "llm-travel (hf)"
