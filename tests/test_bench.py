@@ -247,6 +247,7 @@ def test_each_novel_variant_is_a_known_stage_that_changes_a_real_render_option()
         "sleep",
         "beside-sleep",
         "beside-sms32-sleep",
+        "beside-sms32-sleep-drain",
     }
     for variant, change in bench.NOVEL_VARIANTS.items():
         assert f"novel-{variant}" in bench.RENDERER_STAGES and f"novel-{variant}" in bench.NOVEL_STAGES

@@ -321,10 +321,41 @@ def test_the_renderer_hands_its_decode_sms_to_the_decoder_beside_the_engine(
     assert slept and set(slept) == {True}
 
 
+def test_the_decoder_beside_the_engine_takes_every_sm_once_the_engines_batch_drains_when_asked(
+    scripted_options, tmp_path, monkeypatch
+):
+    """RenderOptions.decode_sms_until_drain: decode_sms only while a full batch is left to generate."""
+    asked: list[int | None] = []
+
+    class Beside:
+        frames_decoded = frames_computed = 0
+        cpu_s = 0.0
+
+        def decode(self, codes, seeds, sms=None, sleep=False):  # noqa: ANN001, ANN202
+            asked.append(sms)
+            return [np.zeros(c.frames * 4096, dtype=np.float32) for c in codes]  # 48 kHz
+
+    stub = Beside()
+    monkeypatch.setattr(render.Renderer, "beside_decoder", lambda self: stub)
+    options = scripted_options(max_chunk_seconds=1.0, decode_beside=True, decode_sms=24)
+    options = dataclasses.replace(options, engine=dataclasses.replace(options.engine, max_batch=4))
+    for until_drain, unresolved, expected in (
+        (True, 4, 24),  # a full batch of 4 still to generate
+        (True, 3, None),  # draining
+        (False, 3, 24),  # as before the option: on 24 SMs until the engine is done
+    ):
+        monkeypatch.setattr(render.DecodeQueue, "unresolved", property(lambda self, n=unresolved: n))
+        asked.clear()
+        changed = dataclasses.replace(options, decode_sms_until_drain=until_drain)
+        renderer = render.Renderer(changed, Progress("none"), engine=ScriptedEngine())
+        _render_result(renderer, tmp_path, f"drain-{until_drain}-{unresolved}")
+        assert asked and set(asked) == {expected}, (until_drain, unresolved)
+
+
 def test_the_decode_queue_knows_while_chunks_are_still_to_come():
     queue = render.DecodeQueue([1.0, 2.0, 1.5], ahead_s=60.0)
     states = []
     for index in (1, 0, 2):
-        states.append(queue.generating)
+        states.append((queue.generating, queue.unresolved))
         queue.resolve(index)
-    assert states == [True, True, True] and not queue.generating
+    assert states == [(True, 3), (True, 2), (True, 1)] and not queue.generating and queue.unresolved == 0

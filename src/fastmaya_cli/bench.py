@@ -65,6 +65,13 @@ NOVEL_VARIANTS: dict[str, dict[str, object]] = {
     "beside-sleep": {"decode_beside": True, "decode_sleeps": True},
     # Candidate: both of the above, the decoder beside the engine on 32 SMs with sleeping waits.
     "beside-sms32-sleep": {"decode_beside": True, "decode_sms": 32, "decode_sleeps": True},
+    # Candidate: the same, on all SMs once fewer chunks are left to generate than the engine runs at once.
+    "beside-sms32-sleep-drain": {
+        "decode_beside": True,
+        "decode_sms": 32,
+        "decode_sleeps": True,
+        "decode_sms_until_drain": True,
+    },
     # Candidate: SNAC in float16 (codec.SnacDecoder's `half`), with a decoder of its own in the renderer's
     # process. For decoding beside the engine in float16, --codec-half makes every stage's decoder so.
     "half": {"codec_half": True},

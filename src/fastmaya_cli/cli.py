@@ -488,7 +488,8 @@ def bench(
             "made on the CPU instead of decoded, a probe of what all but the decoder's GPU work costs; "
             "novel-sleep, novel-beside-sleep (GPU): the novel with the decoder's waits for the GPU sleeping "
             "instead of spinning a core (candidates against novel and novel-beside); "
-            "novel-beside-sms32-sleep (GPU): both, on 32 SMs; and "
+            "novel-beside-sms32-sleep (GPU): both, on 32 SMs; novel-beside-sms32-sleep-drain (GPU): the same, "
+            "on all SMs once the engine's batch drains; and "
             "novel-llm-shared-cores, novel-shared-cores (GPU): the novel with no core kept for the engine's "
             "scheduler thread."
         ),

@@ -120,6 +120,11 @@ class RenderOptions:
     # the decoder tells cuBLAS how many SMs it has (green.limit_blas_to_sms), whole-novel renders on 32 SMs
     # finish, at 0.811 to 0.867 of LLM only (run AA1; 0.9 is the target).
     decode_sms: int | None = None
+    # A candidate the bench measures (novel-beside-sms32-sleep-drain): keep the decoder on decode_sms SMs only
+    # while the engine has a full batch of chunks left to generate, and on all of them while its batch drains.
+    # On 32 SMs the decoder fell behind, with 5,925 to 9,041 s of speech left to decode when generation ended
+    # (run AA1), when a draining batch leaves the GPU room. Not yet run on a GPU.
+    decode_sms_until_drain: bool = False
     # A bench probe, never a render option: each chunk's audio is a stand-in of its length made on the CPU
     # (stand_in_audio), not decoded, so a render shows what everything but the decoder's GPU work costs
     # generation. The assembler, loudness and encoders get audio as long as SNAC's would be.
@@ -770,7 +775,12 @@ class DecodeQueue:
     @property
     def generating(self) -> bool:
         """Whether chunks are still to be resolved (generated, failed or found cached)."""
-        return len(self.resolved_at) < len(self._taken)  # each chunk resolves once
+        return self.unresolved > 0
+
+    @property
+    def unresolved(self) -> int:
+        """How many chunks are still to be resolved: being generated or waiting for the engine."""
+        return len(self._taken) - len(self.resolved_at)  # each chunk resolves once
 
     def _takeable(self, most: int) -> tuple[list[int], bool]:
         """The chunks a take would hand out now, and whether the bound on audio held stopped it short."""
@@ -894,10 +904,10 @@ class DecodeWorker:
         decoder = beside or self.renderer.decoder
         decoded, computed = decoder.frames_decoded, decoder.frames_computed
         if beside is not None:
-            # Once the engine is done, the decoder has the whole GPU to itself for what is left.
-            sms = self.renderer.options.decode_sms if self.tracker.generating else None
             cpu = beside.cpu_s
-            clips = beside.decode(codes, seeds, sms=sms, sleep=self.renderer.options.decode_sleeps)
+            clips = beside.decode(
+                codes, seeds, sms=self._decoder_sms(), sleep=self.renderer.options.decode_sleeps
+            )
             self.decoder_cpu_s += beside.cpu_s - cpu
         else:
             cpu = time.thread_time()
@@ -914,6 +924,19 @@ class DecodeWorker:
         self.frames_decoded += decoder.frames_decoded - decoded
         self.frames_computed += decoder.frames_computed - computed
         return clips
+
+    def _decoder_sms(self) -> int | None:
+        """How many SMs the decoder beside the engine keeps to for its next call (None: all of them)."""
+        opts = self.renderer.options
+        if opts.decode_sms is None or not self.tracker.generating:
+            return None  # once the engine is done, the decoder has the whole GPU for what is left
+        if opts.decode_sms_until_drain and self.tracker.unresolved < self._engine_width:
+            return None  # the engine's batch is draining: the GPU has room
+        return opts.decode_sms
+
+    @functools.cached_property
+    def _engine_width(self) -> int:
+        return self.renderer.parallel_width()
 
     def _assemble(self, index: int, clip: np.ndarray | None) -> None:
         rate = self.assembler.spec.sample_rate
