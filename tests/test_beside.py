@@ -283,23 +283,29 @@ def test_the_decoder_service_sleeps_only_for_the_calls_that_ask(tiny_snac, monke
     ours.close()
 
 
+class _BesideStub:
+    """The decoder beside the engine, as the renderer sees it: records each call's SMs and sleep flag, and
+    reports 0.25 CPU s of the worker's decoding thread a call."""
+
+    frames_decoded = frames_computed = 0
+
+    def __init__(self) -> None:
+        self.asked: list[int | None] = []
+        self.slept: list[bool] = []
+        self.cpu_s = 0.0
+
+    def decode(self, codes, seeds, sms=None, sleep=False):  # noqa: ANN001, ANN202
+        self.asked.append(sms)
+        self.slept.append(sleep)
+        self.cpu_s += 0.25  # the worker's decoding thread, as its replies tell
+        return [np.zeros(c.frames * 4096, dtype=np.float32) for c in codes]  # 48 kHz
+
+
 def test_the_renderer_hands_its_decode_sms_to_the_decoder_beside_the_engine(
     scripted_options, tmp_path, monkeypatch
 ):
-    asked: list[int | None] = []
-    slept: list[bool] = []
-
-    class Beside:
-        frames_decoded = frames_computed = 0
-        cpu_s = 0.0
-
-        def decode(self, codes, seeds, sms=None, sleep=False):  # noqa: ANN001, ANN202
-            asked.append(sms)
-            slept.append(sleep)
-            self.cpu_s += 0.25  # the worker's decoding thread, as its replies tell
-            return [np.zeros(c.frames * 4096, dtype=np.float32) for c in codes]  # 48 kHz
-
-    stub = Beside()
+    stub = _BesideStub()
+    asked, slept = stub.asked, stub.slept
     monkeypatch.setattr(render.Renderer, "beside_decoder", lambda self: stub)
     options = scripted_options(max_chunk_seconds=1.0, decode_beside=True, decode_sms=24)
     for generating, expected in ((True, 24), (False, None)):  # once the engine is done: every SM
@@ -325,17 +331,8 @@ def test_the_decoder_beside_the_engine_takes_every_sm_once_the_engines_batch_dra
     scripted_options, tmp_path, monkeypatch
 ):
     """RenderOptions.decode_sms_until_drain: decode_sms only while a full batch is left to generate."""
-    asked: list[int | None] = []
-
-    class Beside:
-        frames_decoded = frames_computed = 0
-        cpu_s = 0.0
-
-        def decode(self, codes, seeds, sms=None, sleep=False):  # noqa: ANN001, ANN202
-            asked.append(sms)
-            return [np.zeros(c.frames * 4096, dtype=np.float32) for c in codes]  # 48 kHz
-
-    stub = Beside()
+    stub = _BesideStub()
+    asked = stub.asked
     monkeypatch.setattr(render.Renderer, "beside_decoder", lambda self: stub)
     options = scripted_options(max_chunk_seconds=1.0, decode_beside=True, decode_sms=24)
     options = dataclasses.replace(options, engine=dataclasses.replace(options.engine, max_batch=4))

@@ -779,10 +779,11 @@ PARTIAL = "partial"
 def record_stage(report: dict, result: StageResult, json_out: Path | None) -> None:
     """Add a measured stage to `report`, print its row, and write the report so far to `json_out`, marked
     PARTIAL (the bench's last write, when it ends, is the whole report without the mark)."""
-    report["stages"].append(result.row())
+    row = result.row()
+    report["stages"].append(row)
     if result.trace is not None:
         report.setdefault("traces", []).append({"stage": result.stage, **result.trace})
-    print(json.dumps(result.row()), flush=True)
+    print(json.dumps(row), flush=True)
     if json_out:
         so_far = {key: value for key, value in report.items() if key != RUNNING}
         _write_json(json_out, {**so_far, PARTIAL: True})

@@ -14,8 +14,9 @@ decoder waits on an event made with blocking sync, which puts its thread to slee
 Outside it the copies and waits are as they always were (blocking copies, stream syncs). Sleeping is a
 candidate, off by default (RenderOptions.decode_sleeps; the bench's novel-sleep, novel-beside-sleep and
 novel-beside-sms32-sleep): beside the engine on 32 SMs it cut the decoding thread's CPU time for the novel
-from 157.7 to 45.3 s (BENCHMARKS.md run AA1), and whether it changes the render's pace is not yet known. The engine's own waits are untouched either way: they set its pace, and a sleeping
-thread wakes later than a spinning one.
+from 157.7 to 45.3 s (BENCHMARKS.md run AA1), and whether it changes the render's pace is not yet known.
+The engine's own waits are untouched either way: they set its pace, and a sleeping thread wakes later than a
+spinning one.
 """
 
 from __future__ import annotations
